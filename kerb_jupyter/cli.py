@@ -1,0 +1,130 @@
+"""The ``kerb-jupyter`` command: ``sandbox`` (demo realm + database [+ JupyterLab]) and ``status``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+
+from .errors import KerbJupyterError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kerb-jupyter", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sb = sub.add_parser("sandbox", help="start a throwaway Kerberos realm and PostgreSQL (and JupyterLab)")
+    sb.add_argument("--dir", help="state directory (default: a new temporary directory, removed on exit)")
+    sb.add_argument("--no-lab", action="store_true", help="start only the realm and the database(s); print "
+                    "one JSON line with the environment a Jupyter server needs, then wait for Ctrl-C")
+    sb.add_argument("--clusters", default="analytics,finance", help="comma-separated cluster names "
+                    "(one PostgreSQL server each; default: analytics,finance)")
+    sb.add_argument("--kdc-port", type=int, default=0, help="KDC port (default: a free one)")
+    sb.add_argument("--pg-port", type=int, action="append", default=[], help="PostgreSQL port, once per cluster")
+    sb.add_argument("--lab-port", type=int, default=0, help="JupyterLab port (default: a free one)")
+    st = sub.add_parser("status", help="show the ticket in the shared cache and the keeper's state")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "sandbox":
+            return run_sandbox(args)
+        return show_status(args.json)
+    except KerbJupyterError as err:
+        print(f"kerb-jupyter: {err}", file=sys.stderr)
+        return 1
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_sandbox(args: argparse.Namespace) -> int:
+    from .sandbox import Sandbox
+    from .sandbox.procs import free_port
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    temporary = args.dir is None
+    root = Path(args.dir or tempfile.mkdtemp(prefix="kerb-jupyter-sandbox-"))
+    clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
+    sandbox = Sandbox(root, clusters=clusters, kdc_port=args.kdc_port, pg_ports=args.pg_port)
+    lab: subprocess.Popen[bytes] | None = None
+    try:
+        started = time.monotonic()
+        sandbox.start()
+        ready = time.monotonic() - started
+        if args.no_lab:
+            print(json.dumps(sandbox.describe()), flush=True)
+            print(f"kerb-jupyter sandbox ready in {ready:.1f} s; Ctrl-C stops it", file=sys.stderr, flush=True)
+            while True:
+                signal.pause()
+        lab = _start_lab(sandbox, args.lab_port or free_port())
+        return lab.wait()
+    except KeyboardInterrupt:
+        print("kerb-jupyter sandbox: stopping", file=sys.stderr)
+        return 0
+    finally:
+        if lab is not None and lab.poll() is None:
+            lab.send_signal(signal.SIGTERM)
+            try:
+                lab.wait(15)
+            except subprocess.TimeoutExpired:
+                lab.kill()
+        sandbox.stop()
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _start_lab(sandbox: object, port: int) -> subprocess.Popen[bytes]:
+    from .sandbox import Sandbox
+
+    assert isinstance(sandbox, Sandbox)
+    notebooks = sandbox.root / "notebooks"
+    notebooks.mkdir(exist_ok=True)
+    demo = Path(__file__).parent / "sandbox" / "demo.ipynb"
+    if not (notebooks / demo.name).exists():
+        shutil.copy(demo, notebooks / demo.name)
+    env = {**os.environ, **sandbox.env}
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+           f"--ServerApp.root_dir={notebooks}", "--ServerApp.jpserver_extensions={'kerb_jupyter': True}"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-root")
+    print(f"kerb-jupyter sandbox: realm {sandbox.realm.realm}, principal {sandbox.principal}, clusters "
+          f"{', '.join(sandbox.servers)}; starting JupyterLab on http://127.0.0.1:{port}/lab "
+          "(the login URL with its token follows)", file=sys.stderr, flush=True)
+    return subprocess.Popen(cmd, env=env, cwd=notebooks)
+
+
+def show_status(as_json: bool) -> int:
+    from . import db, tickets
+    from .config import load_settings
+
+    settings = load_settings()
+    doc: dict[str, object] = {"cache": None, "ticket": None, "keeper": db.keeper_state(settings), "error": None}
+    try:
+        path = db.cache_path() if os.environ.get("KRB5CCNAME") else settings.cache_path
+        doc["cache"] = str(path)
+        doc["ticket"] = tickets.read_cache(path).as_dict()
+    except KerbJupyterError as err:
+        doc["error"] = {"code": err.code, "message": str(err)}
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        ticket = doc["ticket"]
+        if isinstance(ticket, dict):
+            left = ticket["endtime"] - time.time()
+            print(f"{ticket['principal']}: valid for {left / 60:.0f} more minutes "
+                  f"(renewable until {time.ctime(ticket['renew_till'])}), cache {doc['cache']}")
+        else:
+            print(f"no valid ticket: {doc['error']['message']}")  # type: ignore[index]
+    return 0 if doc["ticket"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

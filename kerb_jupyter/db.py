@@ -1,0 +1,138 @@
+"""Connections to configured clusters over GSSAPI, using the shared ticket cache (no IPython imports).
+
+A ``Session`` keeps one connection per cluster, checks the ticket before connecting, reconnects once
+when a connection died (server restart, failover), and turns libpq's GSS messages into sentences that
+say what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from . import tickets
+from .config import ClusterConfig, Settings
+from .errors import DatabaseError, KerbJupyterError, NoTicketError, TicketError, TicketExpiredError
+from .tagging import application_name
+
+
+def cache_path() -> Path:
+    """The shared cache this process uses: KRB5CCNAME (FILE: only) as exported by the server."""
+    name = os.environ.get("KRB5CCNAME", "")
+    if name.startswith("FILE:") or (name and ":" not in name):
+        return Path(name.removeprefix("FILE:"))
+    raise NoTicketError(
+        "no shared ticket cache: KRB5CCNAME is not set to a FILE: cache. Start Jupyter with the kerb_jupyter "
+        "server extension enabled (it exports KRB5CCNAME to kernels), or kinit into a FILE cache"
+    )
+
+
+def keeper_state(settings: Settings) -> dict[str, Any] | None:
+    """The server keeper's last snapshot (state.json next to the cache), if there is one."""
+    try:
+        return json.loads(settings.state_path.read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def _hhmm(ts: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "?"
+
+
+def check_ticket(settings: Settings) -> tickets.TicketInfo:
+    """The valid ticket in the shared cache, or an error that says why and what the keeper reports."""
+    try:
+        return tickets.read_cache(cache_path())
+    except TicketError as err:
+        state = keeper_state(settings)
+        extra = ""
+        if state and state.get("last_error"):
+            e = state["last_error"]
+            extra = f"; the server's keeper reports: {e.get('message')} (since {e.get('at', '?')})"
+        elif state:
+            extra = f"; the server's keeper state is {state.get('state')!r}"
+        else:
+            extra = "; no keeper state found: is the kerb_jupyter server extension running?"
+        raise type(err)(f"{err}{extra}") from None
+
+
+@dataclass
+class Session:
+    """One kernel's connections, one per cluster."""
+
+    settings: Settings
+    connections: dict[str, psycopg.Connection[Any]] = field(default_factory=dict)
+
+    def connection(self, name: str) -> psycopg.Connection[Any]:
+        """An open connection to cluster ``name``; reconnects if the old one is closed or broken."""
+        cluster = self.settings.cluster(name)
+        conn = self.connections.get(name)
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        self.connections.pop(name, None)
+        info = check_ticket(self.settings)
+        conn = connect(cluster, info.principal, self.settings)
+        self.connections[name] = conn
+        return conn
+
+    def discard(self, name: str) -> None:
+        conn = self.connections.pop(name, None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        for name in list(self.connections):
+            self.discard(name)
+
+
+def conninfo(cluster: ClusterConfig, principal: str) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "host": cluster.host,
+        "port": cluster.port,
+        "dbname": cluster.dbname,
+        "user": cluster.user or principal,
+        "krbsrvname": cluster.krbsrvname,
+        "gssencmode": cluster.gssencmode,  # always explicit: binary libpq defaults to disable
+        "sslmode": cluster.sslmode,
+        "connect_timeout": cluster.connect_timeout,
+        "require_auth": "gss",  # never fall back to a password prompt
+        "application_name": application_name(principal) if cluster.tagging else "kerb_jupyter",
+    }
+    params.update(cluster.options)
+    return params
+
+
+def connect(cluster: ClusterConfig, principal: str, settings: Settings | None = None) -> psycopg.Connection[Any]:
+    """Open an autocommit connection. Raises TicketError or DatabaseError with an actionable message."""
+    try:
+        return psycopg.connect(**conninfo(cluster, principal), autocommit=True)
+    except psycopg.OperationalError as err:
+        raise classify_connect_error(err, cluster, principal) from None
+
+
+def classify_connect_error(err: psycopg.Error, cluster: ClusterConfig, principal: str) -> KerbJupyterError:
+    text = str(err).strip()
+    first = text.splitlines()[-1] if text else type(err).__name__
+    where = f"cluster {cluster.name!r} ({cluster.host}:{cluster.port})"
+    if "Ticket expired" in text:
+        return TicketExpiredError(f"the ticket for {principal} has expired; cannot connect to {where}")
+    if "No Kerberos credentials" in text or "No credentials cache found" in text:
+        return NoTicketError(f"no Kerberos ticket for {principal} in the shared cache; cannot connect to {where}")
+    if "not found in Kerberos database" in text:
+        return DatabaseError(
+            f"{where}: the KDC does not know the service principal {cluster.krbsrvname}/{cluster.host}; "
+            "check the host name (use the name the service principal was made for) and krbsrvname",
+            code="service_unknown")
+    if "Cannot contact any KDC" in text:
+        return TicketError(f"cannot reach the KDC to get a service ticket for {where}", code="kdc_unreachable")
+    if "GSSAPI authentication failed" in text or "does not match" in text or "role" in text and "does not exist" in text:
+        return DatabaseError(f"{where} refused {principal}: {first}", code="auth_failed")
+    if "Connection refused" in text or "could not translate host name" in text or "timeout expired" in text:
+        return DatabaseError(f"cannot reach {where}: {first}", code="db_unreachable")
+    return DatabaseError(f"cannot connect to {where}: {first}", code="connect_failed")

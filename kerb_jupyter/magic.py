@@ -1,0 +1,203 @@
+"""``%%kerbsql`` / ``%kerbsql``: SQL on configured clusters over the shared Kerberos ticket.
+
+    %load_ext kerb_jupyter
+    %%kerbsql analytics --limit 100
+    SELECT * FROM trips WHERE city = :city
+
+Parse -> resolve the cluster -> run (query.run_sql) -> render (results.ResultSet). Every kerb_jupyter
+error becomes a one-line UsageError without a traceback; ``%config KerbSqlMagics.debug = True`` shows it.
+Never imports jupyter_server.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class, needs_local_scope
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Int
+
+from . import db
+from .config import Settings, load_settings
+from .errors import KerbJupyterError
+from .query import ConnectionLost, QueryOptions, run_sql
+from .results import ResultSet
+from .tagging import build_comment
+
+
+@magics_class
+class KerbSqlMagics(Magics):
+    display_limit = Int(
+        50, config=True, help="Rows fetched and shown when neither -o, --dataframe nor --limit is given. Default 50."
+    )
+    debug = Bool(False, config=True, help="Show Python tracebacks for kerb_jupyter errors. Default False.")
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self._settings: Settings | None = None
+        self._session: db.Session | None = None
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings()
+            self._session = db.Session(self._settings)
+        return self._settings
+
+    @property
+    def session(self) -> db.Session:
+        _ = self.settings
+        assert self._session is not None
+        return self._session
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+
+    # -- magics -----------------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("cluster", nargs="?", help="name of a configured cluster")
+    @argument("-o", "--out", metavar="VAR", help="store the result (all rows) in this variable")
+    @argument("--limit", type=int, metavar="N", help="fetch at most N rows")
+    @argument("--timeout", type=float, metavar="SECONDS", help="statement_timeout for this cell")
+    @argument("--dataframe", action="store_true", help="return a pandas DataFrame (all rows)")
+    @argument("--quiet", action="store_true", help="show nothing (use with -o)")
+    @argument("--list", action="store_true", help="list the configured clusters")
+    @needs_local_scope
+    @line_cell_magic
+    def kerbsql(self, line: str, cell: str | None = None, local_ns: dict[str, Any] | None = None) -> Any:
+        """Run SQL on a configured cluster with the shared Kerberos ticket."""
+        try:
+            return self._kerbsql(line, cell, local_ns or {})
+        except KerbJupyterError as err:
+            if self.debug:
+                raise
+            raise UsageError(str(err)) from None
+
+    def _kerbsql(self, line: str, cell: str | None, local_ns: dict[str, Any]) -> Any:
+        options, line_sql = split_line(line)
+        args = parse_argstring(self.kerbsql, options)
+        if args.list:
+            return self._list()
+        if not args.cluster:
+            raise UsageError("usage: %%kerbsql CLUSTER [options]  (%kerbsql --list shows the clusters)")
+        sql = cell if cell is not None else line_sql
+        if not sql.strip():
+            raise UsageError(f"no SQL given: put the query in the cell below %%kerbsql {args.cluster}")
+        if args.limit is not None and args.limit < 0:
+            raise UsageError("--limit must be 0 or more")
+        fetch_all = bool(args.out or args.dataframe)
+        limit = args.limit if args.limit is not None else (None if fetch_all else self.display_limit)
+        namespace = {**(self.shell.user_ns if self.shell else {}), **local_ns}
+        results = self._run(args.cluster, sql, namespace, QueryOptions(limit, args.timeout))
+        last = results[-1]
+        value: Any = last.to_pandas() if args.dataframe and last.has_rows else last
+        if args.out:
+            self.shell.user_ns[args.out] = value
+        if args.quiet:
+            return None
+        if self.shell is not None:
+            from IPython.display import display
+
+            for earlier in results[:-1]:
+                display(earlier)
+        return value
+
+    def _run(self, cluster: str, sql: str, namespace: dict[str, Any], opts: QueryOptions) -> list[ResultSet]:
+        self.settings.cluster(cluster)  # UnknownClusterError before anything else
+        for attempt in (1, 2):
+            conn = self.session.connection(cluster)
+            info = db.check_ticket(self.settings)
+            opts.comment = self._comment(cluster, info.principal)
+            try:
+                return run_sql(conn, sql, namespace, opts, cluster)
+            except ConnectionLost as err:
+                self.session.discard(cluster)
+                if attempt == 2 or err.statements_done:
+                    raise
+            except KeyboardInterrupt:
+                print(f"kerbsql: cancelled; the query was stopped on {cluster} and the connection is kept.")
+                return [ResultSet(statement=sql, status="CANCELLED", cluster=cluster)]
+        raise AssertionError("unreachable")
+
+    def _comment(self, cluster: str, principal: str) -> str:
+        if not self.settings.cluster(cluster).tagging:
+            return ""
+        state = db.keeper_state(self.settings) or {}
+        identity = state.get("identity") or {}
+        return build_comment({
+            "app": "kerb_jupyter",
+            "principal": principal,
+            "aws_identity": identity.get("arn") or identity.get("name"),
+            "notebook": os.environ.get("JPY_SESSION_NAME"),
+            "kernel": _kernel_id(),
+        })
+
+    def _list(self) -> ResultSet:
+        from .results import Column
+
+        rs = ResultSet(statement="--list", cluster="config", status="clusters")
+        rs.columns = [Column(n, "text") for n in ("cluster", "host", "port", "dbname", "gssencmode")]
+        rs.rows = [(c.name, c.host, c.port, c.dbname, c.gssencmode) for c in self.settings.clusters.values()]
+        return rs
+
+
+def _kernel_id() -> str | None:
+    try:
+        from ipykernel import get_connection_file
+    except ImportError:
+        return None
+    try:
+        name = os.path.basename(get_connection_file())
+    except (RuntimeError, AttributeError):
+        return None
+    return name.removeprefix("kernel-").removesuffix(".json")
+
+
+_VALUE_OPTIONS = {"-o", "--out", "--limit", "--timeout"}
+
+
+def split_line(line: str) -> tuple[str, str]:
+    """Split ``CLUSTER [options] [SQL...]`` into the option words and the raw SQL (never shlex-parsed)."""
+    words = line.split()
+    head: list[str] = []
+    have_cluster = False
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word.startswith("-"):
+            head.append(word)
+            if word in _VALUE_OPTIONS and i + 1 < len(words):
+                i += 1
+                head.append(words[i])
+        elif not have_cluster:
+            head.append(word)
+            have_cluster = True
+        else:
+            break
+        i += 1
+    return " ".join(head), _remainder(line, i)
+
+
+def _remainder(line: str, skip: int) -> str:
+    text = line.lstrip()
+    for _ in range(skip):
+        text = text.split(None, 1)[1] if len(text.split(None, 1)) > 1 else ""
+        text = text.lstrip()
+    return text
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    ipython.register_magics(KerbSqlMagics)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    magics = ipython.magics_manager.registry.get("KerbSqlMagics")
+    if magics is not None:
+        magics.close()
+
+
+__all__ = ["KerbSqlMagics", "load_ipython_extension", "unload_ipython_extension"]

@@ -1,0 +1,161 @@
+"""Run a cell's SQL on one connection: split, bind ``:name`` parameters, tag, execute, fetch (bounded).
+
+No IPython here: the magic is a thin layer over ``run_sql``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql as pgsql
+
+from .errors import ConfigError, DatabaseError
+from .results import Column, ResultSet
+from .sqlparse import bind_names, first_keyword, split_statements
+from .tagging import tag_statement
+
+ROW_RETURNING = {"SELECT", "WITH", "VALUES", "TABLE", "SHOW", "EXPLAIN", "FETCH"}
+
+
+class ConnectionLost(DatabaseError):
+    """The server went away (restart, failover); ``statements_done`` ran before it did."""
+
+    code = "connection_lost"
+
+    def __init__(self, message: str, statements_done: int) -> None:
+        super().__init__(message)
+        self.statements_done = statements_done
+
+
+@dataclass
+class QueryOptions:
+    limit: int | None = None  # rows fetched per statement; None = all
+    timeout: float | None = None  # statement_timeout, seconds
+    comment: str = ""  # sqlcommenter tag put in front of each statement
+
+
+def run_sql(
+    conn: psycopg.Connection[Any], cell: str, namespace: Mapping[str, Any], opts: QueryOptions, cluster: str = ""
+) -> list[ResultSet]:
+    """Execute every statement of ``cell``; returns one ResultSet per statement.
+
+    Raises ConfigError for a missing ``:name`` variable and psycopg.Error for database errors
+    (the caller formats them); KeyboardInterrupt cancels the running statement on the server.
+    """
+    statements = split_statements(cell)
+    if not statements:
+        raise ConfigError("the cell has no SQL statement to run")
+    prepared = [_bind(s, namespace) for s in statements]  # all names checked before anything runs
+    results: list[ResultSet] = []
+    if opts.timeout:
+        conn.execute(pgsql.SQL("SET statement_timeout = {}").format(int(opts.timeout * 1000)))
+    try:
+        for original, (text, params) in zip(statements, prepared):
+            try:
+                results.append(_run_one(conn, original, text, params, opts, cluster))
+            except psycopg.Error as err:
+                if conn.broken or conn.closed:
+                    raise ConnectionLost(
+                        f"the connection to {cluster!r} was lost: {str(err).strip().splitlines()[-1:]}",
+                        statements_done=len(results),
+                    ) from None
+                raise format_db_error(err, text) from None
+    finally:
+        if opts.timeout and not conn.closed and not conn.broken:
+            _reset_timeout(conn)
+    return results
+
+
+def _reset_timeout(conn: psycopg.Connection[Any]) -> None:
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+        return  # RESET would fail too; the user's ROLLBACK ends the transaction and SET LOCAL is not used
+    conn.execute("RESET statement_timeout")
+
+
+def _bind(statement: str, namespace: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    text, names = bind_names(statement)
+    if not names:
+        return statement, None
+    missing = [n for n in names if n not in namespace]
+    if missing:
+        raise ConfigError(
+            f"the query uses :{missing[0]} but there is no variable named {missing[0]!r} in the notebook"
+        )
+    return text, {n: namespace[n] for n in names}
+
+
+def _run_one(
+    conn: psycopg.Connection[Any], original: str, text: str, params: dict[str, Any] | None,
+    opts: QueryOptions, cluster: str,
+) -> ResultSet:
+    tagged = tag_statement(text, opts.comment, params is not None)
+    started = time.perf_counter()
+    result = ResultSet(statement=original, cluster=cluster)
+    with conn.cursor(binary=True) as cur:
+        try:
+            cur.execute(tagged, params, prepare=False)  # type: ignore[arg-type]
+        except psycopg.Error as err:
+            if params is None:  # with parameters the server sees $n placeholders: no position mapping
+                err._kerb_sent = tagged  # type: ignore[attr-defined]
+            raise
+        except KeyboardInterrupt:
+            # psycopg has already sent a cancel request; make sure the connection is usable again.
+            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR and conn.autocommit:
+                conn.execute("ROLLBACK")
+            raise
+        if cur.description is not None:
+            result.columns = [Column(d.name, _type_name(conn, d.type_code)) for d in cur.description]
+            if opts.limit is None:
+                result.rows = cur.fetchall()
+            else:
+                rows = cur.fetchmany(opts.limit + 1)
+                result.truncated = len(rows) > opts.limit
+                result.rows = rows[: opts.limit]
+        result.rowcount = cur.rowcount
+        result.status = cur.statusmessage or ""
+    result.elapsed = time.perf_counter() - started
+    return result
+
+
+def _type_name(conn: psycopg.Connection[Any], oid: int) -> str:
+    info = conn.adapters.types.get(oid)
+    return info.name if info is not None else str(oid)
+
+
+def is_row_returning(statement: str) -> bool:
+    return first_keyword(statement) in ROW_RETURNING
+
+
+def format_db_error(err: psycopg.Error, statement: str | None = None) -> DatabaseError:
+    """One or a few lines: SQLSTATE, message, and a caret under the error position in the statement."""
+    diag = err.diag
+    state = diag.sqlstate or "?"
+    msg = diag.message_primary or str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    lines = [f"SQL error {state}: {msg}"]
+    if diag.message_detail:
+        lines.append(f"DETAIL: {diag.message_detail}")
+    if diag.message_hint:
+        lines.append(f"HINT: {diag.message_hint}")
+    pos = diag.statement_position
+    if pos and statement and diag.internal_query is None and hasattr(err, "_kerb_sent"):
+        lines.extend(_caret(statement, int(pos) - _prefix_len(statement, err)))
+    return DatabaseError("\n".join(lines), code=f"sql_{state}")
+
+
+def _prefix_len(statement: str, err: psycopg.Error) -> int:
+    sent = getattr(err, "_kerb_sent", None)
+    return len(sent) - len(statement) if isinstance(sent, str) and sent.endswith(statement) else 0
+
+
+def _caret(statement: str, pos: int) -> list[str]:
+    if pos < 1 or pos > len(statement) + 1:
+        return []
+    before = statement[: pos - 1]
+    line_no = before.count("\n")
+    line = statement.splitlines()[line_no] if statement.splitlines() else statement
+    col = len(before) - (before.rfind("\n") + 1)
+    return [f"LINE {line_no + 1}: {line}", " " * (len(f'LINE {line_no + 1}: ') + col) + "^"]

@@ -1,0 +1,76 @@
+"""Fixtures: one real sandbox realm with two PostgreSQL clusters per test session, and a Jupyter server
+with the extension configured against it (pytest-jupyter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kerb_jupyter.sandbox import Sandbox
+
+pytest_plugins = ["pytest_jupyter.jupyter_server"]
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    sb = Sandbox(tmp_path_factory.mktemp("sandbox"), clusters=("analytics", "finance"),
+                 max_life=3600, max_renewable_life=7 * 86400)
+    sb.start()
+    old = os.environ.get("KRB5_CONFIG")
+    os.environ["KRB5_CONFIG"] = str(sb.realm.krb5_conf)
+    yield sb
+    sb.stop()
+    if old is None:
+        os.environ.pop("KRB5_CONFIG", None)
+    else:
+        os.environ["KRB5_CONFIG"] = old
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ() -> Iterator[None]:
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def write_config(path: Path, sandbox: Sandbox, **overrides: Any) -> Path:
+    config: dict[str, Any] = {
+        "principal": sandbox.principal,
+        "source": {"type": "keytab", "keytab": str(sandbox.keytab)},
+        "state_dir": str(path.parent / "state"),
+        "clusters": {name: sandbox.cluster_config(name) for name in sandbox.servers},
+    }
+    config.update(overrides)
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture
+def kj_config(tmp_path: Path, sandbox: Sandbox) -> Path:
+    """A per-test kerb_jupyter configuration (own state dir) against the session sandbox."""
+    return write_config(tmp_path / "kerb_jupyter.json", sandbox)
+
+
+@pytest.fixture
+def jp_server_config(kj_config: Path) -> dict[str, Any]:
+    return {
+        "ServerApp": {"jpserver_extensions": {"kerb_jupyter": True}},
+        "KerbJupyterApp": {"config_file": str(kj_config), "retry_interval": 0.5},
+    }
+
+
+def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")

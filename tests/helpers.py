@@ -1,0 +1,85 @@
+"""Test helpers: drive the server extension's start hook and real kernels as a notebook would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from jupyter_client import BlockingKernelClient
+
+
+@dataclass
+class CellOutput:
+    stdout: str = ""
+    stderr: str = ""
+    data: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+
+    @property
+    def text(self) -> str:
+        parts = [self.stdout, self.stderr]
+        parts += [d.get("text/plain", "") for d in self.data]
+        parts += [d.get("text/html", "") for d in self.data]
+        if self.error:
+            parts += [self.error["ename"], self.error["evalue"], *self.error["traceback"]]
+        return "\n".join(parts)
+
+
+class KernelSession:
+    def __init__(self, connection_info: dict[str, Any]) -> None:
+        self.client = BlockingKernelClient()
+        self.client.load_connection_info(connection_info)
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=60)
+
+    def run(self, code: str, timeout: float = 60) -> CellOutput:
+        out = CellOutput()
+
+        def hook(msg: dict[str, Any]) -> None:
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                if content["name"] == "stdout":
+                    out.stdout += content["text"]
+                else:
+                    out.stderr += content["text"]
+            elif kind in ("execute_result", "display_data"):
+                out.data.append(content["data"])
+            elif kind == "error":
+                out.error = content
+
+        self.client.execute_interactive(code, output_hook=hook, timeout=timeout)
+        return out
+
+    def close(self) -> None:
+        self.client.stop_channels()
+
+
+async def start_extensions(app) -> None:  # the hook a real server runs after its event loop starts
+    await app.extension_manager.start_all_extensions()
+
+
+async def wait_state(jp_fetch, want: str, timeout: float = 15) -> dict:
+    doc: dict = {}
+    for _ in range(int(timeout / 0.1)):
+        doc = json.loads((await jp_fetch("kerb-jupyter", "api", "status")).body)
+        if doc["state"] == want:
+            return doc
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"state never became {want!r}: {doc}")
+
+
+
+
+def extension(app):
+    return app.extension_manager.extension_points["kerb_jupyter"].app
+
+
+async def wait_keeper(app, want: str, timeout: float = 15) -> None:
+    keeper = extension(app).keeper
+    for _ in range(int(timeout / 0.05)):
+        if keeper.state.state == want:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"keeper state never became {want!r}: {keeper.state}")
