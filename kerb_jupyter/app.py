@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +88,12 @@ class KerbJupyterApp(ExtensionApp):
         os.environ["KERB_JUPYTER_STATE_DIR"] = str(self.settings_obj.state_dir)
         if self.settings_obj.path is not None:
             os.environ[ENV_CONFIG] = str(self.settings_obj.path)
-        if principal and self.settings_obj.source:
+        resolve = None
+        if not principal and (self.settings_obj.identity or self.settings_obj.mapping):
+            resolve = make_resolver(self.settings_obj)
+        if (principal or resolve) and self.settings_obj.source:
             self.keeper = TicketKeeper(
-                principal,
+                principal or None,
                 build_source(self.settings_obj.source),
                 cache,
                 self.settings_obj.state_path,
@@ -98,12 +102,15 @@ class KerbJupyterApp(ExtensionApp):
                 max_retry_interval=self.max_retry_interval,
                 lifetime=self.ticket_lifetime or None,
                 renew_life=self.renewable_lifetime,
+                identity={"name": principal, "source": "config", "trusted": False} if principal else None,
+                resolve=resolve,
             )
         self.settings.update(kerb_jupyter_app=self)
         self.log.info(
             "kerb_jupyter %s: principal %s, source %s, cache %s, clusters %s",
             __version__,
-            principal or "(none configured)",
+            principal or ("(from identity: " + ", ".join(self.settings_obj.identity.get("order", ["default order"]))
+                          + ")" if resolve else "(none configured)"),
             self.keeper.source.describe() if self.keeper else "(none)",
             cache,
             ", ".join(self.settings_obj.clusters) or "(none)",
@@ -125,3 +132,17 @@ class KerbJupyterApp(ExtensionApp):
     @property
     def state_dir(self) -> Path:
         return self.settings_obj.state_dir
+
+
+def make_resolver(settings: Settings) -> Callable[[], tuple[dict[str, Any], str]]:
+    """Identity chain + mapping rules as one call the keeper makes (in a thread: AWS calls block)."""
+    from .identity import IdentityResolver
+    from .mapping import map_identity
+
+    resolver = IdentityResolver(settings.identity)
+
+    def resolve() -> tuple[dict[str, Any], str]:
+        identity = resolver.resolve()
+        return identity.as_dict(), map_identity(identity.name, settings.mapping)
+
+    return resolve

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from . import tickets
-from .errors import CacheError, CredentialsRejectedError, KerbJupyterError, NoTicketError, SourceError
+from .errors import (
+    CacheError,
+    CredentialsRejectedError,
+    IdentityError,
+    KerbJupyterError,
+    NoTicketError,
+    SourceError,
+)
 from .sources import Source
 from .tickets import TicketInfo
 
@@ -58,7 +65,7 @@ class KeeperState:
 class TicketKeeper:
     def __init__(
         self,
-        principal: str,
+        principal: str | None,
         source: Source,
         cache: Path,
         state_file: Path | None = None,
@@ -70,8 +77,12 @@ class TicketKeeper:
         lifetime: int | None = None,
         renew_life: int | None = None,
         identity: dict[str, Any] | None = None,
+        resolve: Callable[[], tuple[dict[str, Any], str]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``principal`` may be None when ``resolve`` (identity -> principal) supplies it on the first step."""
+        if principal is None and resolve is None:
+            raise ValueError("either a principal or a resolve function is required")
         if not 0.1 <= renew_fraction <= 0.95:
             raise ValueError("renew_fraction must be between 0.1 and 0.95")
         self.principal = principal
@@ -85,6 +96,7 @@ class TicketKeeper:
         self.lifetime = lifetime
         self.renew_life = renew_life
         self.clock = clock
+        self.resolve = resolve
         self.state = KeeperState(principal=principal, identity=identity, source=source.describe(),
                                  cache=str(self.cache))
         self._task: asyncio.Task[None] | None = None
@@ -94,6 +106,11 @@ class TicketKeeper:
     # -- the decision, synchronous ----------------------------------------------------------------
     def step(self, force: bool = False) -> float:
         """Bring the cache up to date once (``force``: renew even if not due); returns seconds to sleep."""
+        if self.principal is None:
+            try:
+                self._resolve()
+            except IdentityError as err:
+                return self._record_failure(err, None, fatal=err.code != "aws_unreachable")
         now = self.clock()
         info = self._current()
         try:
@@ -111,6 +128,14 @@ class TicketKeeper:
         self.state.next_attempt = self.clock() + delay
         self._save()
         return delay
+
+    def _resolve(self) -> None:
+        assert self.resolve is not None
+        identity, principal = self.resolve()
+        self.principal = self.state.principal = principal
+        self.state.identity = identity
+        log.info("kerb_jupyter: identity %s (from %s, %s) maps to %s", identity.get("name"), identity.get("source"),
+                 "enforced by AWS" if identity.get("trusted") else "claimed", principal)
 
     def _current(self) -> TicketInfo | None:
         try:
