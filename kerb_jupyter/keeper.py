@@ -220,7 +220,7 @@ class TicketKeeper:
         delay *= 1 + random.uniform(0, self.jitter)
         s.state = "expired" if expired else "retrying"
         s.next_attempt = now + delay
-        (log.error if expired else log.warning)("kerb_jupyter: %s; retrying in %.0f s", err, delay)
+        (log.error if expired else log.warning)("kerb_jupyter: %s; retrying in %.1f s", err, delay)
         self._save()
         return delay
 

@@ -12,8 +12,10 @@ import base64
 import binascii
 import os
 import shutil
+import logging
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,8 +121,9 @@ class SecretsManagerSource:
 
         factory = self.client_factory or _boto3_client
         try:
-            client = factory("secretsmanager", region_name=self.region)
-            resp = client.get_secret_value(SecretId=name)
+            with quiet_aws_debug_logs():
+                client = factory("secretsmanager", region_name=self.region)
+                resp = client.get_secret_value(SecretId=name)
         except botocore.exceptions.ClientError as err:
             code = err.response.get("Error", {}).get("Code", "ClientError")
             raise SourceError(f"Secrets Manager refused secret {name!r}: {code}", code="secret_unavailable") from None
@@ -135,6 +138,22 @@ class SecretsManagerSource:
 
     def describe(self) -> str:
         return f"Secrets Manager {self.secret_kind} {self.secret_id}"
+
+
+@contextmanager
+def quiet_aws_debug_logs() -> Iterator[None]:
+    """botocore logs whole response bodies at DEBUG, secret values included: while a secret is fetched, its
+    loggers (and the HTTP layer's) say nothing below INFO, whatever the server's log level."""
+    loggers = [logging.getLogger(n) for n in ("botocore", "boto3", "urllib3", "s3transfer")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        if lg.getEffectiveLevel() < logging.INFO:
+            lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved):
+            lg.setLevel(level)
 
 
 def _b64(text: str, name: str) -> bytes:

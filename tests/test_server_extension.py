@@ -46,3 +46,41 @@ async def test_status_never_contains_secret_material(jp_serverapp, jp_fetch, san
     assert sandbox.password_file.read_text() not in body
     keytab = sandbox.keytab.read_bytes()
     assert keytab.hex()[:32] not in body
+
+
+@pytest.fixture
+def identity_config(request, kj_config, sandbox):
+    from conftest import write_config
+
+    user, rule = request.param
+    return write_config(kj_config, sandbox, principal=None, identity={"order": ["config"], "user": user},
+                        mapping={"rules": [rule]})
+
+
+@pytest.mark.parametrize("identity_config", [("Alice@Example.com", {"template": "{local}@kerb.test", "case": "lower"})], indirect=True)
+async def test_identity_is_mapped_to_the_principal(identity_config, jp_serverapp, jp_fetch, sandbox):
+    await start_extensions(jp_serverapp)
+    doc = await wait_state(jp_fetch, "valid")
+    assert doc["principal"] == sandbox.principal == "alice@KERB.TEST"
+    assert doc["identity"]["name"] == "Alice@Example.com"
+    assert doc["identity"]["source"] == "config" and doc["identity"]["trusted"] is False
+
+
+@pytest.mark.parametrize("identity_config", [("mallory@evil.com", {"template": "{local}@KERB.TEST",
+                                                                     "domain": "example.com"})], indirect=True)
+async def test_an_unmapped_identity_is_refused_not_guessed(identity_config, jp_serverapp, jp_fetch):
+    await start_extensions(jp_serverapp)
+    doc = await wait_state(jp_fetch, "error")
+    assert doc["principal"] is None and doc["next_attempt"] is None
+    assert doc["last_error"]["code"] == "unmapped_identity"
+    assert "'mallory@evil.com'" in doc["last_error"]["message"]
+
+
+@pytest.mark.parametrize("identity_config", [("mallory@example.com", {"template": "{local}@KERB.TEST"})],
+                         indirect=True)
+async def test_a_principal_the_kdc_does_not_know_is_an_error(identity_config, jp_serverapp, jp_fetch):
+    await start_extensions(jp_serverapp)
+    doc = await wait_state(jp_fetch, "error")
+    assert doc["principal"] == "mallory@KERB.TEST"
+    assert doc["last_error"]["code"] == "credentials_rejected"
+    assert "no suitable keys for mallory@KERB.TEST" in doc["last_error"]["message"]
