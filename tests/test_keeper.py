@@ -291,3 +291,13 @@ def test_a_damaged_cache_is_never_used_silently(sandbox, cache, damage):
 def test_missing_cache_says_so(tmp_path):
     with pytest.raises(NoTicketError, match="no ticket cache"):
         tickets.read_cache(tmp_path / "nothing")
+
+
+def test_clock_skew_against_the_kdc_is_reported(sandbox, cache, caplog):
+    # The injected clock is this machine's clock running 2 minutes fast; the KDC stamps real time.
+    keeper = keeper_for(sandbox, cache, clock=lambda: time.time() + 120)
+    with caplog.at_level(logging.WARNING, logger="kerb_jupyter.keeper"):
+        keeper.step()
+    assert keeper.state.state == "valid"
+    assert -125 < keeper.state.clock_skew < -115
+    assert "clock differs from the KDC's by -12" in caplog.text
