@@ -10,8 +10,10 @@ from typing import Any
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Int, TraitError, Unicode, default, validate
 
-from . import __version__
+from . import __version__, metrics
 from .config import ENV_CONFIG, Settings, load_settings
+from .errors import ConfigError, KerbJupyterError
+from .handlers import RateLimiter
 from .keeper import TicketKeeper
 from .sources import build_source
 
@@ -58,6 +60,13 @@ class KerbJupyterApp(ExtensionApp):
         help="Requested renewable lifetime in seconds (the KDC may grant less). Default 604800 (7 days).",
     )
     start_keeper = Bool(True, config=True, help="Start the ticket keeper with the server. Default True.")
+    renew_min_interval = Float(
+        10.0, config=True, help="POST api/renew is allowed once per this many seconds (rate limit). Default 10."
+    )
+    check_min_interval = Float(
+        2.0, config=True,
+        help="POST api/clusters/<name>/check is allowed once per this many seconds per cluster. Default 2.",
+    )
 
     @default("config_file")
     def _default_config_file(self) -> str:
@@ -79,41 +88,54 @@ class KerbJupyterApp(ExtensionApp):
 
     # -- set-up -----------------------------------------------------------------------------------------
     def initialize_settings(self) -> None:
-        self.settings_obj: Settings = load_settings(self.config_file or None)
         self.keeper: TicketKeeper | None = None
-        principal = self.principal or self.settings_obj.principal
-        cache = self.settings_obj.cache_path
+        self.config_error: KerbJupyterError | None = None
+        self.renew_limiter = RateLimiter(self.renew_min_interval)
+        self.check_limiter = RateLimiter(self.check_min_interval)
+        self.settings.update(kerb_jupyter_app=self)
+        try:
+            self.settings_obj: Settings = load_settings(self.config_file or None)
+            self.keeper = self._make_keeper(self.settings_obj)
+        except KerbJupyterError as err:
+            # Keep serving: the status page and API say what is wrong instead of a missing page.
+            self.config_error = err
+            self.settings_obj = Settings(path=None)
+            self.log.error("kerb_jupyter: configuration error: %s", err)
         # Kernels copy the server's environment when they start: this is how they find the cache.
-        os.environ["KRB5CCNAME"] = f"FILE:{cache}"
+        os.environ["KRB5CCNAME"] = f"FILE:{self.settings_obj.cache_path}"
         os.environ["KERB_JUPYTER_STATE_DIR"] = str(self.settings_obj.state_dir)
         if self.settings_obj.path is not None:
             os.environ[ENV_CONFIG] = str(self.settings_obj.path)
-        resolve = None
-        if not principal and (self.settings_obj.identity or self.settings_obj.mapping):
-            resolve = make_resolver(self.settings_obj)
-        if (principal or resolve) and self.settings_obj.source:
-            self.keeper = TicketKeeper(
-                principal or None,
-                build_source(self.settings_obj.source),
-                cache,
-                self.settings_obj.state_path,
-                renew_fraction=self.renew_fraction,
-                retry_interval=self.retry_interval,
-                max_retry_interval=self.max_retry_interval,
-                lifetime=self.ticket_lifetime or None,
-                renew_life=self.renewable_lifetime,
-                identity={"name": principal, "source": "config", "trusted": False} if principal else None,
-                resolve=resolve,
-            )
-        self.settings.update(kerb_jupyter_app=self)
+        who = (self.keeper.principal or "(from the identity chain)") if self.keeper else "(none configured)"
         self.log.info(
             "kerb_jupyter %s: principal %s, source %s, cache %s, clusters %s",
-            __version__,
-            principal or ("(from identity: " + ", ".join(self.settings_obj.identity.get("order", ["default order"]))
-                          + ")" if resolve else "(none configured)"),
-            self.keeper.source.describe() if self.keeper else "(none)",
-            cache,
-            ", ".join(self.settings_obj.clusters) or "(none)",
+            __version__, who, self.keeper.source.describe() if self.keeper else "(none)",
+            self.settings_obj.cache_path, ", ".join(self.settings_obj.clusters) or "(none)",
+        )
+
+    def _make_keeper(self, settings: Settings) -> TicketKeeper | None:
+        principal = self.principal or settings.principal
+        resolve = None
+        if not principal and (settings.identity or settings.mapping):
+            resolve = make_resolver(settings)
+        if not (principal or resolve) or not settings.source:
+            return None
+        try:
+            source = build_source(settings.source)
+        except ConfigError as err:
+            raise ConfigError(f"{settings.path or 'the configuration'}: {err}") from None
+        return TicketKeeper(
+            principal or None,
+            source,
+            settings.cache_path,
+            settings.state_path,
+            renew_fraction=self.renew_fraction,
+            retry_interval=self.retry_interval,
+            max_retry_interval=self.max_retry_interval,
+            lifetime=self.ticket_lifetime or None,
+            renew_life=self.renewable_lifetime,
+            identity={"name": principal, "source": "config", "trusted": False} if principal else None,
+            resolve=resolve,
         )
 
     def initialize_handlers(self) -> None:
@@ -124,10 +146,14 @@ class KerbJupyterApp(ExtensionApp):
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         if self.keeper is not None and self.start_keeper:
             self.keeper.start()
+            self._collector = metrics.register(self.keeper)
 
     async def stop_extension(self) -> None:
-        if self.keeper is not None:
-            await self.keeper.stop()
+        keeper = getattr(self, "keeper", None)  # absent when initialisation failed
+        if keeper is not None:
+            await keeper.stop()
+        metrics.unregister(getattr(self, "_collector", None))
+        self._collector = None
 
     @property
     def state_dir(self) -> Path:

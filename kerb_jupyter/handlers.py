@@ -1,20 +1,48 @@
-"""REST handlers under /kerb-jupyter/api/, behind Jupyter's authentication and authorization."""
+"""REST handlers and the status page under /kerb-jupyter/, behind Jupyter's authentication and authorization.
+
+Every error is JSON ``{"error": {"code": ..., "message": ...}}`` with a stable code and never a traceback.
+``renew`` and ``check`` are rate-limited so nobody can use them to hammer the KDC or a database.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import html
 import json
 import time
+from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 from jupyter_server.auth.decorator import authorized
-from jupyter_server.base.handlers import APIHandler
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
+
+from . import db
+from .errors import KerbJupyterError, UnknownClusterError
 
 if TYPE_CHECKING:
     from .app import KerbJupyterApp
 
 AUTH_RESOURCE = "kerb_jupyter"
+HTTP_STATUS = {"unknown_cluster": 404, "rate_limited": 429, "not_configured": 409}
+
+
+class RateLimiter:
+    """At most one call per ``interval`` seconds per key (monotonic clock)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+
+    def retry_after(self, key: str) -> float:
+        """0 if a call may go ahead now (and records it), else seconds to wait."""
+        now = time.monotonic()
+        wait = self._last.get(key, -1e18) + self.interval - now
+        if wait > 0:
+            return wait
+        self._last[key] = now
+        return 0.0
 
 
 class BaseHandler(ExtensionHandlerMixin, APIHandler):  # type: ignore[misc]
@@ -24,33 +52,141 @@ class BaseHandler(ExtensionHandlerMixin, APIHandler):  # type: ignore[misc]
     def app(self) -> KerbJupyterApp:
         return self.settings["kerb_jupyter_app"]  # type: ignore[no-any-return]
 
-    def write_json(self, doc: dict[str, Any], status: int = 200) -> None:
+    def write_json(self, doc: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(doc))
 
-    def status_doc(self) -> dict[str, Any]:
-        keeper = self.app.keeper
-        if keeper is None:
-            doc: dict[str, Any] = {"state": "unconfigured", "principal": None, "expires_at": None,
-                                   "renew_until": None, "last_error": {
-                                       "code": "not_configured",
-                                       "message": "no principal and credential source are configured"}}
-        else:
-            doc = keeper.state.as_dict()
-        doc["server_time"] = time.time()
-        return doc
+    def write_problem(self, code: str, message: str, status: int | None = None) -> None:
+        self.write_json({"error": {"code": code, "message": message}}, status or HTTP_STATUS.get(code, 502))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # Never a traceback: only the status and tornado's short reason.
+        reason = self._reason or "error"
+        code = {401: "unauthenticated", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
+            status_code, "server_error")
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": {"code": code, "message": reason}}))
+
+    def limited(self, limiter: RateLimiter, key: str) -> bool:
+        wait = limiter.retry_after(key)
+        if wait <= 0:
+            return False
+        self.set_header("Retry-After", str(max(1, round(wait))))
+        self.write_problem("rate_limited", f"too many requests: try again in {wait:.0f} s")
+        return True
+
+
+def status_doc(app: KerbJupyterApp) -> dict[str, Any]:
+    if app.config_error is not None:
+        doc: dict[str, Any] = {
+            "state": "error", "principal": None, "identity": None, "expires_at": None, "renew_until": None,
+            "last_renewal": None, "next_attempt": None,
+            "last_error": {"code": app.config_error.code, "message": str(app.config_error)},
+        }
+    elif app.keeper is None:
+        doc = {
+            "state": "unconfigured", "principal": None, "identity": None, "expires_at": None, "renew_until": None,
+            "last_renewal": None, "next_attempt": None,
+            "last_error": {"code": "not_configured",
+                           "message": "no principal (or identity mapping) and credential source are configured"},
+        }
+    else:
+        doc = app.keeper.state.as_dict()
+    doc["server_time"] = time.time()
+    return doc
 
 
 class StatusHandler(BaseHandler):
     @web.authenticated
     @authorized
     def get(self) -> None:
-        self.write_json(self.status_doc())
+        self.write_json(status_doc(self.app))
+
+
+class RenewHandler(BaseHandler):
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        if self.app.keeper is None:
+            return self.write_problem("not_configured", "there is no ticket to renew: nothing is configured")
+        if self.limited(self.app.renew_limiter, "renew"):
+            return None
+        await self.app.keeper.renew_now()
+        self.write_json(status_doc(self.app))
+        return None
+
+
+class ClustersHandler(BaseHandler):
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.write_json({"clusters": [c.public() for c in self.app.settings_obj.clusters.values()]})
+
+
+class ClusterCheckHandler(BaseHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, name: str) -> None:
+        try:
+            cluster = self.app.settings_obj.cluster(name)
+        except UnknownClusterError as err:
+            return self.write_problem(err.code, str(err))
+        if self.limited(self.app.check_limiter, cluster.name):
+            return None
+        try:
+            result = await asyncio.to_thread(check_cluster, self.app, cluster.name)
+        except KerbJupyterError as err:
+            return self.write_problem(err.code, str(err))
+        self.write_json(result)
+        return None
+
+
+def check_cluster(app: KerbJupyterApp, name: str) -> dict[str, Any]:
+    """Connect with the shared ticket and report who we are there. Raises KerbJupyterError."""
+    cluster = app.settings_obj.cluster(name)
+    info = db.check_ticket(app.settings_obj)
+    started = time.perf_counter()
+    with db.connect(cluster, info.principal) as conn:
+        row = conn.execute(
+            "SELECT current_user, s.gss_authenticated, s.encrypted, current_setting('server_version') "
+            "FROM pg_stat_gssapi s WHERE s.pid = pg_backend_pid()"
+        ).fetchone()
+    latency = (time.perf_counter() - started) * 1000
+    assert row is not None
+    return {"cluster": name, "ok": True, "current_user": row[0], "gss_authenticated": row[1], "encrypted": row[2],
+            "server_version": row[3], "latency_ms": round(latency, 1)}
+
+
+class OpenAPIHandler(BaseHandler):
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/yaml")
+        self.finish(files("kerb_jupyter").joinpath("openapi.yaml").read_text())
+
+
+class PageHandler(ExtensionHandlerMixin, JupyterHandler):  # type: ignore[misc]
+    auth_resource = AUTH_RESOURCE
+
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        page = files("kerb_jupyter").joinpath("static", "status.html").read_text()
+        base = self.base_url.rstrip("/") + "/kerb-jupyter"
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        xsrf = self.xsrf_token.decode()
+        self.finish(page.replace("{{base}}", html.escape(base, quote=True)).replace("{{xsrf}}", html.escape(xsrf)))
 
 
 def handlers(base: str) -> list[tuple[str, type]]:
     base = base.rstrip("/")
     return [
+        (rf"{base}/?", PageHandler),
         (rf"{base}/api/status", StatusHandler),
+        (rf"{base}/api/renew", RenewHandler),
+        (rf"{base}/api/clusters", ClustersHandler),
+        (rf"{base}/api/clusters/([^/]+)/check", ClusterCheckHandler),
+        (rf"{base}/api/openapi.yaml", OpenAPIHandler),
     ]

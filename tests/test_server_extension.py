@@ -84,3 +84,36 @@ async def test_a_principal_the_kdc_does_not_know_is_an_error(identity_config, jp
     assert doc["principal"] == "mallory@KERB.TEST"
     assert doc["last_error"]["code"] == "credentials_rejected"
     assert "no suitable keys for mallory@KERB.TEST" in doc["last_error"]["message"]
+
+
+@pytest.fixture
+def bad_config(kj_config, request):
+    kj_config.write_text(request.param)
+    return kj_config
+
+
+@pytest.mark.parametrize(("bad_config", "message"), [
+    ("{not json", "is not valid JSON"),
+    ('{"clusters": {"a": {"host": "h", "port": "5432"}}}', "clusters.a.port must be a number"),
+    ('{"principal": "alice@lower.case", "source": {"keytab": "/x"}}', "is not a Kerberos principal"),
+    ('{"surprise": 1}', "unknown key(s) surprise"),
+    ('{"principal": "a@B", "source": {"type": "ldap"}}', "source.type 'ldap' is not one of"),
+], indirect=["bad_config"])
+async def test_a_malformed_config_file_is_reported_not_fatal(bad_config, jp_serverapp, jp_fetch, message):
+    await start_extensions(jp_serverapp)
+    doc = json.loads((await jp_fetch("kerb-jupyter", "api", "status")).body)
+    assert doc["state"] == "error" and doc["last_error"]["code"] == "config_error"
+    assert message in doc["last_error"]["message"]
+    assert doc["last_error"]["message"].startswith(str(bad_config))
+
+
+@pytest.mark.parametrize("jp_server_config", [{
+    "ServerApp": {"jpserver_extensions": {"kerb_jupyter": True}, "reraise_server_extension_failures": True},
+    "KerbJupyterApp": {"renew_fraction": 5},
+}])
+def test_an_invalid_setting_fails_start_up_naming_trait_and_value(jp_configurable_serverapp, jp_server_config,
+                                                                  capsys, caplog):
+    with pytest.raises(SystemExit):
+        jp_configurable_serverapp(config=jp_server_config)
+    said = caplog.text + "".join(capsys.readouterr())
+    assert "KerbJupyterApp.renew_fraction must be between 0.1 and 0.95, not 5.0" in said

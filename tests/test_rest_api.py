@@ -1,0 +1,182 @@
+"""Every endpoint of /kerb-jupyter/api through a real Jupyter server (jp_fetch), checked against openapi.yaml."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from importlib.resources import files
+
+import pytest
+import yaml
+from jupyter_server.auth import Authorizer
+from openapi_schema_validator import OAS30Validator
+from tornado.httpclient import HTTPClientError
+
+from helpers import extension, start_extensions, wait_state
+from kerb_jupyter.handlers import handlers
+from kerb_jupyter.sandbox.procs import free_port
+
+SPEC = yaml.safe_load(files("kerb_jupyter").joinpath("openapi.yaml").read_text())
+
+
+def conforms(path: str, method: str, status: int, body: dict) -> None:
+    """The response matches the schema openapi.yaml documents for this path, method and status."""
+    op = SPEC["paths"][path][method]
+    assert str(status) in op["responses"], f"{method.upper()} {path} answered {status}, which is not documented"
+    response = op["responses"][str(status)]
+    if "$ref" in response:
+        response = SPEC["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
+    schema = {**response["content"]["application/json"]["schema"], "components": SPEC["components"]}
+    OAS30Validator(schema).validate(body)
+
+
+async def call(jp_fetch, *parts, method="GET", **kw):
+    """(status, JSON body), whatever the status."""
+    try:
+        r = await jp_fetch("kerb-jupyter", "api", *parts, method=method,
+                           body=b"" if method == "POST" else None, **kw)
+        return r.code, json.loads(r.body)
+    except HTTPClientError as err:
+        return err.code, json.loads(err.response.body) if err.response and err.response.body else {}
+
+
+@pytest.fixture
+def jp_server_config(kj_config, sandbox):
+    from conftest import write_config
+
+    clusters = {n: sandbox.cluster_config(n) for n in sandbox.servers}
+    clusters["closed"] = {"host": "localhost", "port": free_port(), "dbname": "x", "connect_timeout": 2}
+    write_config(kj_config, sandbox, clusters=clusters)
+    return {"ServerApp": {"jpserver_extensions": {"kerb_jupyter": True}},
+            "KerbJupyterApp": {"config_file": str(kj_config), "retry_interval": 0.3, "max_retry_interval": 0.5}}
+
+
+def test_every_route_is_documented():
+    documented = {re.sub(r"\{[^}]+\}", "([^/]+)", p) for p in SPEC["paths"]}
+    for pattern, _ in handlers("/kerb-jupyter"):
+        if pattern.startswith("/kerb-jupyter/api/") and not pattern.endswith("openapi.yaml"):
+            assert pattern.removeprefix("/kerb-jupyter/api") in documented, pattern
+
+
+async def test_status(jp_serverapp, jp_fetch, sandbox):
+    await start_extensions(jp_serverapp)
+    await wait_state(jp_fetch, "valid")
+    status, body = await call(jp_fetch, "status")
+    conforms("/status", "get", status, body)
+    assert status == 200 and body["principal"] == sandbox.principal
+
+
+async def test_renew_now_and_its_rate_limit(jp_serverapp, jp_fetch):
+    await start_extensions(jp_serverapp)
+    before = await wait_state(jp_fetch, "valid")
+    status, body = await call(jp_fetch, "renew", method="POST")
+    conforms("/renew", "post", status, body)
+    assert status == 200 and body["renewals"] == before["renewals"] + 1
+    status, body = await call(jp_fetch, "renew", method="POST")
+    conforms("/renew", "post", status, body)
+    assert status == 429 and body["error"]["code"] == "rate_limited"
+
+
+async def test_clusters(jp_serverapp, jp_fetch):
+    status, body = await call(jp_fetch, "clusters")
+    conforms("/clusters", "get", status, body)
+    assert [c["name"] for c in body["clusters"]] == ["analytics", "finance", "closed"]
+
+
+async def test_check_a_cluster(jp_serverapp, jp_fetch, sandbox):
+    await start_extensions(jp_serverapp)
+    await wait_state(jp_fetch, "valid")
+    status, body = await call(jp_fetch, "clusters", "finance", "check", method="POST")
+    conforms("/clusters/{name}/check", "post", status, body)
+    assert status == 200, body
+    assert body["current_user"] == sandbox.principal and body["gss_authenticated"] is True
+    assert body["server_version"].startswith("15") and body["latency_ms"] > 0
+    status, body = await call(jp_fetch, "clusters", "finance", "check", method="POST")
+    assert status == 429 and body["error"]["code"] == "rate_limited"
+
+
+async def test_check_errors_are_classified(jp_serverapp, jp_fetch):
+    await start_extensions(jp_serverapp)
+    await wait_state(jp_fetch, "valid")
+    status, body = await call(jp_fetch, "clusters", "nope", "check", method="POST")
+    conforms("/clusters/{name}/check", "post", status, body)
+    assert status == 404 and body["error"]["code"] == "unknown_cluster"
+    assert "analytics, closed, finance" in body["error"]["message"]
+    status, body = await call(jp_fetch, "clusters", "closed", "check", method="POST")
+    conforms("/clusters/{name}/check", "post", status, body)
+    assert status == 502 and body["error"]["code"] == "db_unreachable"
+    assert "Traceback" not in json.dumps(body)
+
+
+async def test_kdc_down_then_expired_is_reported(jp_serverapp, jp_fetch, sandbox):
+    app = extension(jp_serverapp)
+    app.keeper.lifetime = 2
+    await start_extensions(jp_serverapp)
+    await wait_state(jp_fetch, "valid")
+    sandbox.realm.stop()
+    try:
+        doc = await wait_state(jp_fetch, "retrying", timeout=5)
+        assert doc["last_error"]["code"] == "kdc_unreachable"
+        doc = await wait_state(jp_fetch, "expired", timeout=5)
+        conforms("/status", "get", 200, doc)
+        status, body = await call(jp_fetch, "clusters", "analytics", "check", method="POST")
+        conforms("/clusters/{name}/check", "post", status, body)
+        assert status == 502 and body["error"]["code"] == "ticket_expired"
+        assert "KDC" in body["error"]["message"]  # the keeper's diagnosis is passed on
+    finally:
+        sandbox.realm.start()
+    await wait_state(jp_fetch, "valid", timeout=10)
+
+
+@pytest.mark.parametrize(("method", "parts"), [
+    ("GET", ("status",)), ("POST", ("renew",)), ("GET", ("clusters",)),
+    ("POST", ("clusters", "analytics", "check")), ("GET", ("openapi.yaml",)),
+])
+async def test_everything_requires_authentication(jp_serverapp, jp_fetch, method, parts):
+    status, body = await call(jp_fetch, *parts, method=method, headers={"Authorization": ""})
+    assert status == 403, (status, body)
+    assert set(body) <= {"error", "message", "reason"}
+
+
+class DenyKerbJupyter(Authorizer):
+    def is_authorized(self, handler, user, action, resource):
+        return resource != "kerb_jupyter"
+
+
+@pytest.mark.parametrize("jp_server_config", [{
+    "ServerApp": {"jpserver_extensions": {"kerb_jupyter": True}, "authorizer_class": DenyKerbJupyter},
+}])
+async def test_the_authorizer_is_consulted(jp_serverapp, jp_fetch):
+    status, body = await call(jp_fetch, "status")
+    assert status == 403 and body["error"]["code"] == "forbidden"
+    r = await jp_fetch("api", "status")  # the rest of Jupyter is unaffected
+    assert r.code == 200
+
+
+async def test_the_page_requires_authentication(jp_serverapp, jp_fetch):
+    with pytest.raises(HTTPClientError) as err:
+        await jp_fetch("kerb-jupyter/", headers={"Authorization": ""}, follow_redirects=False)
+    assert err.value.code in (302, 403)
+    page = await jp_fetch("kerb-jupyter/")
+    assert b"Kerberos credentials for this notebook server" in page.body
+
+
+async def test_keeper_stops_with_the_server(jp_serverapp, jp_fetch):
+    await start_extensions(jp_serverapp)
+    await wait_state(jp_fetch, "valid")
+    task = extension(jp_serverapp).keeper._task
+    assert task is not None and not task.done()
+    await jp_serverapp.extension_manager.stop_all_extensions()
+    assert task.done() and task not in asyncio.all_tasks()
+    assert extension(jp_serverapp).keeper.state.state == "stopped"
+
+
+async def test_metrics_are_exported(jp_serverapp, jp_fetch):
+    await start_extensions(jp_serverapp)
+    await wait_state(jp_fetch, "valid")
+    text = (await jp_fetch("metrics")).body.decode()
+    left = re.search(r"^kerb_jupyter_ticket_seconds_remaining (\S+)$", text, re.M)
+    assert left and 3000 < float(left.group(1)) <= 3600
+    assert re.search(r'^kerb_jupyter_renewals_total\{kind="acquired"\} 1\.0$', text, re.M)
+    assert re.search(r"^kerb_jupyter_renewal_failures_total 0\.0$", text, re.M)
