@@ -102,28 +102,20 @@ def _start_lab(sandbox: object, port: int) -> subprocess.Popen[bytes]:
 
 
 def show_status(as_json: bool) -> int:
-    from . import db, tickets
     from .config import load_settings
+    from .status import credential_status
 
-    settings = load_settings()
-    doc: dict[str, object] = {"cache": None, "ticket": None, "keeper": db.keeper_state(settings), "error": None}
-    try:
-        path = db.cache_path() if os.environ.get("KRB5CCNAME") else settings.cache_path
-        doc["cache"] = str(path)
-        doc["ticket"] = tickets.read_cache(path).as_dict()
-    except KerbJupyterError as err:
-        doc["error"] = {"code": err.code, "message": str(err)}
+    status = credential_status(load_settings())
     if as_json:
-        print(json.dumps(doc, indent=2))
+        print(json.dumps({
+            "cache": status.cache,
+            "ticket": status.ticket.as_dict() if status.ticket else None,
+            "keeper": status.keeper,
+            "error": {"code": status.error.code, "message": str(status.error)} if status.error else None,
+        }, indent=2))
     else:
-        ticket = doc["ticket"]
-        if isinstance(ticket, dict):
-            left = ticket["endtime"] - time.time()
-            print(f"{ticket['principal']}: valid for {left / 60:.0f} more minutes "
-                  f"(renewable until {time.ctime(ticket['renew_till'])}), cache {doc['cache']}")
-        else:
-            print(f"no valid ticket: {doc['error']['message']}")  # type: ignore[index]
-    return 0 if doc["ticket"] else 1
+        print(repr(status))
+    return 0 if status.ticket else 1
 
 
 if __name__ == "__main__":

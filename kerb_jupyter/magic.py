@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class, needs_local_scope
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, needs_local_scope
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Int
 
@@ -105,6 +105,16 @@ class KerbSqlMagics(Magics):
             for earlier in results[:-1]:
                 display(earlier)
         return value
+
+    @line_magic
+    def kerbstatus(self, line: str = "") -> Any:
+        """Show the shared Kerberos ticket and what the server's keeper reports."""
+        from .status import credential_status
+
+        try:
+            return credential_status(self.settings)
+        except KerbJupyterError as err:
+            raise UsageError(str(err)) from None
 
     def _run(self, cluster: str, sql: str, namespace: dict[str, Any], opts: QueryOptions) -> list[ResultSet]:
         self.settings.cluster(cluster)  # UnknownClusterError before anything else

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -67,3 +69,28 @@ def test_kernel_side_does_not_import_jupyter_server():
         "assert 'tornado' not in sys.modules, 'tornado imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_kerbstatus_in_the_kernel(kernel, sandbox):
+    kernel.run("%load_ext kerb_jupyter")
+    out = kernel.run("%kerbstatus")
+    assert out.error is None, out.text
+    html = out.data[0]["text/html"]
+    assert "data-colour='green'" in html
+    assert f"{sandbox.principal}: ticket valid for 59m" in out.data[0]["text/plain"] or \
+        f"{sandbox.principal}: ticket valid for 1h 00m" in out.data[0]["text/plain"]
+    assert "keeper: valid" in out.data[0]["text/plain"]
+
+
+def test_cli_status(sandbox, tmp_path):
+    from kerb_jupyter import tickets
+
+    cache = tmp_path / "cc" / "krb5cc"
+    tickets.acquire_with_keytab(sandbox.principal, sandbox.keytab, cache)
+    env = {**os.environ, "KRB5CCNAME": f"FILE:{cache}", "KERB_JUPYTER_CONFIG": str(sandbox.config_file)}
+    out = subprocess.run([sys.executable, "-m", "kerb_jupyter.cli", "status"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith(f"{sandbox.principal}: ticket valid for"), out
+    env["KRB5CCNAME"] = f"FILE:{tmp_path}/none"
+    out = subprocess.run([sys.executable, "-m", "kerb_jupyter.cli", "status", "--json"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and json.loads(out.stdout)["error"]["code"] == "no_ticket"

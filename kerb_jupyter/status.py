@@ -1,0 +1,84 @@
+"""The kernel's view of the credentials: the shared cache read directly plus the keeper's state.json.
+
+Used by ``%kerbstatus`` and ``kerb-jupyter status``; no server imports, no REST call (kernels have no token).
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import db, tickets
+from .config import Settings
+from .errors import KerbJupyterError
+
+
+@dataclass
+class CredentialStatus:
+    cache: str | None
+    ticket: tickets.TicketInfo | None
+    keeper: dict[str, Any] | None
+    error: KerbJupyterError | None
+
+    @property
+    def colour(self) -> str:
+        if self.ticket is None:
+            return "red"
+        if (self.keeper or {}).get("state") in ("retrying", "error") or self.ticket.remaining() < 900:
+            return "amber"
+        return "green"
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.ticket is not None:
+            left = self.ticket.remaining()
+            out.append(f"{self.ticket.principal}: ticket valid for {_duration(left)} "
+                       f"(until {_clock(self.ticket.endtime)}, renewable until {_clock(self.ticket.renew_till)})")
+        else:
+            out.append(f"no valid ticket: {self.error}")
+        k = self.keeper
+        if k:
+            who = k.get("identity") or {}
+            if who.get("name"):
+                trust = "enforced by AWS" if who.get("trusted") else "claimed"
+                out.append(f"identity: {who['name']} (from {who.get('source')}, {trust})")
+            out.append(f"keeper: {k.get('state')}, last renewal {_clock(k.get('last_renewal'))}, "
+                       f"next {_clock(k.get('next_attempt'))}")
+            if k.get("last_error"):
+                out.append(f"last error: {k['last_error'].get('message')}")
+        else:
+            out.append("keeper: no state file (is the kerb_jupyter server extension running?)")
+        out.append(f"cache: {self.cache}")
+        return out
+
+    def __repr__(self) -> str:
+        return "\n".join(self.lines())
+
+    def _repr_html_(self) -> str:
+        colours = {"green": "#1a7f37", "amber": "#b76e00", "red": "#cf222e"}
+        rows = "".join(f"<div>{html.escape(line)}</div>" for line in self.lines())
+        return (f"<div class='kerbstatus' data-colour='{self.colour}' style='border-left:6px solid "
+                f"{colours[self.colour]};padding:4px 10px'>{rows}</div>")
+
+
+def credential_status(settings: Settings) -> CredentialStatus:
+    ticket, error, cache = None, None, None
+    try:
+        path = db.cache_path()
+        cache = str(path)
+        ticket = tickets.read_cache(path)
+    except KerbJupyterError as err:
+        error = err
+    return CredentialStatus(cache, ticket, db.keeper_state(settings), error)
+
+
+def _clock(ts: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "—"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h {rem // 60:02d}m" if h else f"{rem // 60}m {rem % 60:02d}s"
