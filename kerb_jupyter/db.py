@@ -22,14 +22,16 @@ from .errors import DatabaseError, KerbJupyterError, NoTicketError, TicketError,
 from .tagging import application_name
 
 
-def cache_path() -> Path:
-    """The shared cache this process uses: KRB5CCNAME (FILE: only) as exported by the server."""
+def cache_path(settings: Settings | None = None) -> Path:
+    """The shared cache: KRB5CCNAME (FILE: only) as exported by the server, else the configured state_dir's."""
     name = os.environ.get("KRB5CCNAME", "")
     if name.startswith("FILE:") or (name and ":" not in name):
         return Path(name.removeprefix("FILE:"))
+    if not name and settings is not None:
+        return settings.cache_path
     raise NoTicketError(
-        "no shared ticket cache: KRB5CCNAME is not set to a FILE: cache. Start Jupyter with the kerb_jupyter "
-        "server extension enabled (it exports KRB5CCNAME to kernels), or kinit into a FILE cache"
+        f"KRB5CCNAME is {name!r}, not a FILE: cache; kerb_jupyter shares tickets through a FILE cache. Start "
+        "Jupyter with the kerb_jupyter server extension (it exports KRB5CCNAME to kernels), or unset KRB5CCNAME"
     )
 
 
@@ -48,7 +50,7 @@ def _hhmm(ts: float | None) -> str:
 def check_ticket(settings: Settings) -> tickets.TicketInfo:
     """The valid ticket in the shared cache, or an error that says why and what the keeper reports."""
     try:
-        return tickets.read_cache(cache_path())
+        return tickets.read_cache(cache_path(settings))
     except TicketError as err:
         state = keeper_state(settings)
         extra = ""
@@ -136,3 +138,21 @@ def classify_connect_error(err: psycopg.Error, cluster: ClusterConfig, principal
     if "Connection refused" in text or "could not translate host name" in text or "timeout expired" in text:
         return DatabaseError(f"cannot reach {where}: {first}", code="db_unreachable")
     return DatabaseError(f"cannot connect to {where}: {first}", code="connect_failed")
+
+
+def sqlalchemy_engine(settings: Settings, name: str, **kwargs: Any) -> Any:
+    """A SQLAlchemy engine for cluster ``name`` whose every new connection uses the current shared ticket.
+
+    Usable with ``pandas.read_sql``. Raises UnknownClusterError; connection errors surface when it connects.
+    """
+    import sqlalchemy
+
+    cluster = settings.cluster(name)
+
+    def creator() -> psycopg.Connection[Any]:
+        info = check_ticket(settings)
+        conn = psycopg.connect(**conninfo(cluster, info.principal))
+        return conn
+
+    kwargs.setdefault("pool_pre_ping", True)
+    return sqlalchemy.create_engine("postgresql+psycopg://", creator=creator, **kwargs)

@@ -12,14 +12,16 @@ Never imports jupyter_server.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, needs_local_scope
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Int
+from traitlets import Bool, Float, Int
 
-from . import db
+from . import audit, db
 from .config import Settings, load_settings
 from .errors import KerbJupyterError
 from .query import ConnectionLost, QueryOptions, run_sql
@@ -33,6 +35,10 @@ class KerbSqlMagics(Magics):
         50, config=True, help="Rows fetched and shown when neither -o, --dataframe nor --limit is given. Default 50."
     )
     debug = Bool(False, config=True, help="Show Python tracebacks for kerb_jupyter errors. Default False.")
+    progress_after = Float(
+        1.0, config=True,
+        help="Seconds after which a running query shows a 'running for N s' line (0 turns it off). Default 1.",
+    )
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -122,8 +128,11 @@ class KerbSqlMagics(Magics):
             conn = self.session.connection(cluster)
             info = db.check_ticket(self.settings)
             opts.comment = self._comment(cluster, info.principal)
+            opts.observer = self._auditor(cluster, info.principal)
             try:
-                return run_sql(conn, sql, namespace, opts, cluster)
+                with Progress(cluster, enabled=self.shell is not None and self.progress_after > 0,
+                              after=self.progress_after):
+                    return run_sql(conn, sql, namespace, opts, cluster)
             except ConnectionLost as err:
                 self.session.discard(cluster)
                 if attempt == 2 or err.statements_done:
@@ -132,6 +141,23 @@ class KerbSqlMagics(Magics):
                 print(f"kerbsql: cancelled; the query was stopped on {cluster} and the connection is kept.")
                 return [ResultSet(statement=sql, status="CANCELLED", cluster=cluster)]
         raise AssertionError("unreachable")
+
+    def _auditor(self, cluster: str, principal: str) -> Any:
+        path = self.settings.audit_log
+        if path is None:
+            return None
+        identity = (db.keeper_state(self.settings) or {}).get("identity") or {}
+
+        def observe(statement: str, result: ResultSet | None, error: BaseException | None, elapsed: float) -> None:
+            outcome = "ok" if error is None else ("cancelled" if isinstance(error, KeyboardInterrupt) else
+                                                  getattr(error, "code", None) or
+                                                  f"sql_{getattr(getattr(error, 'diag', None), 'sqlstate', '')}")
+            audit.record(path, identity=identity.get("name"), identity_source=identity.get("source"),
+                         principal=principal, cluster=cluster, statement=statement,
+                         rows=None if result is None else max(result.rowcount, len(result.rows)),
+                         duration_ms=round(elapsed * 1000, 2), outcome=outcome)
+
+        return observe
 
     def _comment(self, cluster: str, principal: str) -> str:
         if not self.settings.cluster(cluster).tagging:
@@ -153,6 +179,46 @@ class KerbSqlMagics(Magics):
         rs.columns = [Column(n, "text") for n in ("cluster", "host", "port", "dbname", "gssencmode")]
         rs.rows = [(c.name, c.host, c.port, c.dbname, c.gssencmode) for c in self.settings.clusters.values()]
         return rs
+
+
+class Progress:
+    """Shows "running on CLUSTER for N s" (updated each second) once a query has run ``after`` seconds."""
+
+    def __init__(self, cluster: str, enabled: bool, after: float = 1.0) -> None:
+        self.cluster, self.enabled, self.after = cluster, enabled, after
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._handle: Any = None
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self._started = time.monotonic()
+            self._thread = threading.Thread(target=self._tick, name="kerbsql-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def _tick(self) -> None:
+        from IPython.display import HTML, display
+
+        if self._stop.wait(self.after):
+            return
+        while not self._stop.is_set():
+            text = f"⏳ running on {self.cluster} for {time.monotonic() - self._started:.0f} s (interrupt the kernel to cancel)"
+            page = HTML(f"<small class='kerbsql-progress'>{text}</small>")
+            if self._handle is None:
+                self._handle = display(page, display_id=True)
+            else:
+                self._handle.update(page)
+            self._stop.wait(1.0)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            if self._handle is not None:
+                from IPython.display import HTML
+
+                self._handle.update(HTML(""))
 
 
 def _kernel_id() -> str | None:

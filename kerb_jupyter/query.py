@@ -6,7 +6,7 @@ No IPython here: the magic is a thin layer over ``run_sql``.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +15,8 @@ from psycopg import sql as pgsql
 
 from .errors import ConfigError, DatabaseError
 from .results import Column, ResultSet
-from .sqlparse import bind_names, first_keyword, split_statements
+from .sqlparse import bind_names, code_words, first_keyword, split_statements
 from .tagging import tag_statement
-
-ROW_RETURNING = {"SELECT", "WITH", "VALUES", "TABLE", "SHOW", "EXPLAIN", "FETCH"}
-
 
 class ConnectionLost(DatabaseError):
     """The server went away (restart, failover); ``statements_done`` ran before it did."""
@@ -36,6 +33,8 @@ class QueryOptions:
     limit: int | None = None  # rows fetched per statement; None = all
     timeout: float | None = None  # statement_timeout, seconds
     comment: str = ""  # sqlcommenter tag put in front of each statement
+    # Called after every statement with (statement, result or None, error or None): the audit log's hook.
+    observer: Callable[[str, ResultSet | None, BaseException | None, float], None] | None = None
 
 
 def run_sql(
@@ -43,8 +42,9 @@ def run_sql(
 ) -> list[ResultSet]:
     """Execute every statement of ``cell``; returns one ResultSet per statement.
 
-    Raises ConfigError for a missing ``:name`` variable and psycopg.Error for database errors
-    (the caller formats them); KeyboardInterrupt cancels the running statement on the server.
+    Raises ConfigError for a missing ``:name`` variable, DatabaseError (SQLSTATE, message, position) for a
+    failed statement, ConnectionLost when the server went away; KeyboardInterrupt cancels the running
+    statement on the server and leaves the connection usable.
     """
     statements = split_statements(cell)
     if not statements:
@@ -55,15 +55,23 @@ def run_sql(
         conn.execute(pgsql.SQL("SET statement_timeout = {}").format(int(opts.timeout * 1000)))
     try:
         for original, (text, params) in zip(statements, prepared):
+            started = time.perf_counter()
             try:
                 results.append(_run_one(conn, original, text, params, opts, cluster))
-            except psycopg.Error as err:
+            except BaseException as err:
+                if opts.observer is not None:
+                    opts.observer(original, None, err, time.perf_counter() - started)
+                if not isinstance(err, psycopg.Error):
+                    raise
                 if conn.broken or conn.closed:
+                    last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
                     raise ConnectionLost(
-                        f"the connection to {cluster!r} was lost: {str(err).strip().splitlines()[-1:]}",
+                        f"the connection to cluster {cluster!r} was lost: {last}",
                         statements_done=len(results),
                     ) from None
                 raise format_db_error(err, text) from None
+            if opts.observer is not None:
+                opts.observer(original, results[-1], None, results[-1].elapsed)
     finally:
         if opts.timeout and not conn.closed and not conn.broken:
             _reset_timeout(conn)
@@ -95,39 +103,79 @@ def _run_one(
     tagged = tag_statement(text, opts.comment, params is not None)
     started = time.perf_counter()
     result = ResultSet(statement=original, cluster=cluster)
-    with conn.cursor(binary=True) as cur:
-        try:
-            cur.execute(tagged, params, prepare=False)  # type: ignore[arg-type]
-        except psycopg.Error as err:
-            if params is None:  # with parameters the server sees $n placeholders: no position mapping
-                err._kerb_sent = tagged  # type: ignore[attr-defined]
-            raise
-        except KeyboardInterrupt:
-            # psycopg has already sent a cancel request; make sure the connection is usable again.
-            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR and conn.autocommit:
-                conn.execute("ROLLBACK")
-            raise
-        if cur.description is not None:
-            result.columns = [Column(d.name, _type_name(conn, d.type_code)) for d in cur.description]
-            if opts.limit is None:
-                result.rows = cur.fetchall()
-            else:
-                rows = cur.fetchmany(opts.limit + 1)
-                result.truncated = len(rows) > opts.limit
-                result.rows = rows[: opts.limit]
-        result.rowcount = cur.rowcount
-        result.status = cur.statusmessage or ""
+    try:
+        if opts.limit is not None and cursor_safe(original):
+            _fetch_through_server_cursor(conn, tagged, params, opts.limit, result)
+        else:
+            _fetch_at_once(conn, tagged, params, opts.limit, result)
+    except psycopg.Error as err:
+        if params is None:  # with parameters the server sees $n placeholders: no position mapping
+            err._kerb_sent = tagged  # type: ignore[attr-defined]
+        raise
+    except KeyboardInterrupt:
+        # psycopg has already sent a cancel request; make sure the connection is usable again.
+        if not conn.broken and conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR \
+                and conn.autocommit:
+            conn.execute("ROLLBACK")
+        raise
     result.elapsed = time.perf_counter() - started
     return result
+
+
+def _fetch_at_once(
+    conn: psycopg.Connection[Any], sql: str, params: dict[str, Any] | None, limit: int | None, result: ResultSet
+) -> None:
+    with conn.cursor(binary=True) as cur:
+        cur.execute(sql, params, prepare=False)  # type: ignore[arg-type]
+        if cur.description is not None:
+            result.columns = [Column(d.name, _type_name(conn, d.type_code)) for d in cur.description]
+            if limit is None:
+                result.rows = cur.fetchall()
+            else:
+                rows = cur.fetchmany(limit + 1)
+                result.truncated = len(rows) > limit
+                result.rows = rows[:limit]
+        result.rowcount = cur.rowcount
+        result.status = cur.statusmessage or ""
+
+
+def _fetch_through_server_cursor(
+    conn: psycopg.Connection[Any], sql: str, params: dict[str, Any] | None, limit: int, result: ResultSet
+) -> None:
+    """Only ``limit + 1`` rows ever leave the server: the first rows of a huge result cost little memory."""
+    own_transaction = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    if own_transaction:
+        conn.execute("BEGIN")
+    ok = False
+    try:
+        with conn.cursor(name="kerbsql", binary=True) as cur:
+            cur.itersize = limit + 1
+            cur.execute(sql, params)  # type: ignore[arg-type]
+            assert cur.description is not None
+            result.columns = [Column(d.name, _type_name(conn, d.type_code)) for d in cur.description]
+            rows = cur.fetchmany(limit + 1)
+        result.truncated = len(rows) > limit
+        result.rows = rows[:limit]
+        result.rowcount = len(result.rows)
+        result.status = f"SELECT {len(result.rows)}{'+' if result.truncated else ''}"
+        ok = True
+    finally:
+        if own_transaction and not conn.broken:
+            conn.execute("COMMIT" if ok else "ROLLBACK")
+
+
+def cursor_safe(statement: str) -> bool:
+    """A plain query that PostgreSQL accepts in DECLARE CURSOR (no SELECT INTO, no data-modifying WITH)."""
+    keyword = first_keyword(statement)
+    if keyword not in ("SELECT", "WITH", "VALUES", "TABLE"):
+        return False
+    words = set(code_words(statement))
+    return not words & {"INTO", "INSERT", "UPDATE", "DELETE", "MERGE"}
 
 
 def _type_name(conn: psycopg.Connection[Any], oid: int) -> str:
     info = conn.adapters.types.get(oid)
     return info.name if info is not None else str(oid)
-
-
-def is_row_returning(statement: str) -> bool:
-    return first_keyword(statement) in ROW_RETURNING
 
 
 def format_db_error(err: psycopg.Error, statement: str | None = None) -> DatabaseError:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 _DOLLAR = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NUMBER = re.compile(r"(?<![A-Za-z0-9_$])\d+(\.\d+)?(e[+-]?\d+)?", re.IGNORECASE)
 
 
 def _tokens(sql: str) -> Iterator[tuple[str, int, int]]:
@@ -153,3 +154,24 @@ def first_keyword(sql: str) -> str:
         if kind != "comment" and sql[s:e].strip():
             return ""
     return ""
+
+
+def code_words(sql: str) -> list[str]:
+    """Upper-cased words outside strings, quoted identifiers and comments."""
+    return [m.group(0).upper() for kind, s, e in _tokens(sql) if kind == "code" for m in _NAME.finditer(sql, s, e)]
+
+
+def fingerprint_text(sql: str) -> str:
+    """The statement with literals replaced by ``?`` and white space folded: the same query, whatever values."""
+    out: list[str] = []
+    for kind, s, e in _tokens(sql):
+        text = sql[s:e]
+        if kind == "comment":
+            continue
+        if kind == "string":
+            out.append("?")
+        elif kind == "code":
+            out.append(_NUMBER.sub("?", text))
+        else:
+            out.append(text)
+    return " ".join("".join(out).split())

@@ -66,7 +66,7 @@ class CredentialStatus:
 def credential_status(settings: Settings) -> CredentialStatus:
     ticket, error, cache = None, None, None
     try:
-        path = db.cache_path()
+        path = db.cache_path(settings)
         cache = str(path)
         ticket = tickets.read_cache(path)
     except KerbJupyterError as err:
