@@ -18,6 +18,10 @@ from .results import Column, ResultSet
 from .sqlparse import bind_names, code_words, first_keyword, split_statements
 from .tagging import tag_statement
 
+CURSOR_NAME = "kerbsql"
+DECLARE_PREFIX = f'DECLARE "{CURSOR_NAME}" CURSOR FOR '  # how psycopg's ServerCursor wraps the query
+
+
 class ConnectionLost(DatabaseError):
     """The server went away (restart, failover); ``statements_done`` ran before it did."""
 
@@ -103,14 +107,16 @@ def _run_one(
     tagged = tag_statement(text, opts.comment, params is not None)
     started = time.perf_counter()
     result = ResultSet(statement=original, cluster=cluster)
+    use_cursor = opts.limit is not None and cursor_safe(original)
     try:
-        if opts.limit is not None and cursor_safe(original):
-            _fetch_through_server_cursor(conn, tagged, params, opts.limit, result)
+        if use_cursor:
+            _fetch_through_server_cursor(conn, tagged, params, opts.limit or 0, result)
         else:
             _fetch_at_once(conn, tagged, params, opts.limit, result)
     except psycopg.Error as err:
         if params is None:  # with parameters the server sees $n placeholders: no position mapping
-            err._kerb_sent = tagged  # type: ignore[attr-defined]
+            # What the server saw, so an error position maps back onto the user's statement.
+            err._kerb_sent = (DECLARE_PREFIX if use_cursor else "") + tagged  # type: ignore[attr-defined]
         raise
     except KeyboardInterrupt:
         # psycopg has already sent a cancel request; make sure the connection is usable again.
@@ -148,7 +154,7 @@ def _fetch_through_server_cursor(
         conn.execute("BEGIN")
     ok = False
     try:
-        with conn.cursor(name="kerbsql", binary=True) as cur:
+        with conn.cursor(name=CURSOR_NAME, binary=True) as cur:
             cur.itersize = limit + 1
             cur.execute(sql, params)  # type: ignore[arg-type]
             assert cur.description is not None

@@ -15,6 +15,7 @@ class CellOutput:
     stdout: str = ""
     stderr: str = ""
     data: list[dict[str, Any]] = field(default_factory=list)
+    updates: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, Any] | None = None
 
     @property
@@ -36,24 +37,46 @@ class KernelSession:
 
     def run(self, code: str, timeout: float = 60) -> CellOutput:
         out = CellOutput()
+        self.client.execute_interactive(code, output_hook=lambda msg: collect(out, msg), timeout=timeout)
+        return out
 
-        def hook(msg: dict[str, Any]) -> None:
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream":
-                if content["name"] == "stdout":
-                    out.stdout += content["text"]
-                else:
-                    out.stderr += content["text"]
-            elif kind in ("execute_result", "display_data"):
-                out.data.append(content["data"])
-            elif kind == "error":
-                out.error = content
-
-        self.client.execute_interactive(code, output_hook=hook, timeout=timeout)
+    async def arun(self, code: str, timeout: float = 60) -> CellOutput:
+        """Like run, but yields to the event loop while the kernel works (so the keeper keeps running)."""
+        out = CellOutput()
+        msg_id = self.client.execute(code)
+        deadline = asyncio.get_running_loop().time() + timeout
+        idle = False
+        while not idle:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"the kernel did not finish {code[:40]!r} in {timeout} s")
+            while self.client.iopub_channel.msg_ready():
+                msg = self.client.get_iopub_msg(timeout=1)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                    idle = True
+                collect(out, msg)
+            await asyncio.sleep(0.05)
         return out
 
     def close(self) -> None:
         self.client.stop_channels()
+
+
+def collect(out: CellOutput, msg: dict[str, Any]) -> None:
+    """Add one IOPub message to what a notebook would show."""
+    kind, content = msg["msg_type"], msg["content"]
+    if kind == "stream":
+        if content["name"] == "stdout":
+            out.stdout += content["text"]
+        else:
+            out.stderr += content["text"]
+    elif kind in ("execute_result", "display_data"):
+        out.data.append(content["data"])
+    elif kind == "update_display_data":
+        out.updates.append(content["data"])
+    elif kind == "error":
+        out.error = content
 
 
 async def start_extensions(app) -> None:  # the hook a real server runs after its event loop starts
