@@ -20,6 +20,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,11 @@ class Settings:
     clusters: dict[str, ClusterConfig] = field(default_factory=dict)
     audit_log: Path | None = None
 
-    @property
+    @cached_property
     def cache_path(self) -> Path:
         return self.state_dir / CACHE_NAME
 
-    @property
+    @cached_property
     def state_path(self) -> Path:
         return self.state_dir / STATE_NAME
 

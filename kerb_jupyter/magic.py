@@ -11,6 +11,9 @@ Never imports jupyter_server.
 
 from __future__ import annotations
 
+import argparse
+import functools
+import html
 import os
 import threading
 import time
@@ -44,6 +47,7 @@ class KerbSqlMagics(Magics):
         super().__init__(shell=shell, **kwargs)
         self._settings: Settings | None = None
         self._session: db.Session | None = None
+        self._progress = Progress()
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -85,7 +89,7 @@ class KerbSqlMagics(Magics):
 
     def _kerbsql(self, line: str, cell: str | None, local_ns: dict[str, Any]) -> Any:
         options, line_sql = split_line(line)
-        args = parse_argstring(self.kerbsql, options)
+        args = _parse(self.kerbsql, options)
         if args.list:
             return self._list()
         if not args.cluster:
@@ -130,8 +134,8 @@ class KerbSqlMagics(Magics):
             opts.comment = self._comment(cluster, info.principal)
             opts.observer = self._auditor(cluster, info.principal)
             try:
-                with Progress(cluster, enabled=self.shell is not None and self.progress_after > 0,
-                              after=self.progress_after):
+                self._progress.after = self.progress_after if self.shell is not None else 0
+                with self._progress.running(cluster):
                     return run_sql(conn, sql, namespace, opts, cluster)
             except ConnectionLost as err:
                 self.session.discard(cluster)
@@ -162,15 +166,9 @@ class KerbSqlMagics(Magics):
     def _comment(self, cluster: str, principal: str) -> str:
         if not self.settings.cluster(cluster).tagging:
             return ""
-        state = db.keeper_state(self.settings) or {}
-        identity = state.get("identity") or {}
-        return build_comment({
-            "app": "kerb_jupyter",
-            "principal": principal,
-            "aws_identity": identity.get("arn") or identity.get("name"),
-            "notebook": os.environ.get("JPY_SESSION_NAME"),
-            "kernel": _kernel_id(),
-        })
+        identity = (db.keeper_state(self.settings) or {}).get("identity") or {}
+        return _tag_comment(principal, identity.get("arn") or identity.get("name"),
+                            os.environ.get("JPY_SESSION_NAME"))
 
     def _list(self) -> ResultSet:
         from .results import Column
@@ -182,45 +180,77 @@ class KerbSqlMagics(Magics):
 
 
 class Progress:
-    """Shows "running on CLUSTER for N s" (updated each second) once a query has run ``after`` seconds."""
+    """Shows "running on CLUSTER for N s" (updated each second) once a query has run ``after`` seconds.
 
-    def __init__(self, cluster: str, enabled: bool, after: float = 1.0) -> None:
-        self.cluster, self.enabled, self.after = cluster, enabled, after
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    One long-lived daemon thread per magics instance: a fast query costs two Event calls, not a thread start.
+    """
+
+    def __init__(self, after: float = 1.0) -> None:
+        self.after = after
+        self._cluster = ""
+        self._started = 0.0
+        self._busy = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
         self._handle: Any = None
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> Progress:
-        if self.enabled:
-            self._started = time.monotonic()
-            self._thread = threading.Thread(target=self._tick, name="kerbsql-progress", daemon=True)
-            self._thread.start()
+    def running(self, cluster: str) -> Progress:
+        """``with progress.running(cluster):`` around a query."""
+        self._cluster = cluster
         return self
 
-    def _tick(self) -> None:
-        from IPython.display import HTML, display
-
-        if self._stop.wait(self.after):
+    def __enter__(self) -> None:
+        if self.after <= 0:
             return
-        while not self._stop.is_set():
-            text = f"⏳ running on {self.cluster} for {time.monotonic() - self._started:.0f} s (interrupt the kernel to cancel)"
-            page = HTML(f"<small class='kerbsql-progress'>{text}</small>")
-            if self._handle is None:
-                self._handle = display(page, display_id=True)
-            else:
-                self._handle.update(page)
-            self._stop.wait(1.0)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="kerbsql-progress", daemon=True)
+            self._thread.start()
+        self._started = time.monotonic()
+        self._done.clear()
+        self._busy.set()
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            if self._handle is not None:
-                from IPython.display import HTML
+        if self.after <= 0 or self._thread is None:
+            return
+        self._busy.clear()
+        self._done.set()
+        if self._handle is not None:
+            with self._lock:  # wait for a tick in progress, then clear what it showed
+                if self._handle is not None:
+                    from IPython.display import HTML
 
-                self._handle.update(HTML(""))
+                    self._handle.update(HTML(""))
+                    self._handle = None
+
+    def _watch(self) -> None:
+        from IPython.display import HTML, display
+
+        while True:
+            self._busy.wait()
+            if self._done.wait(self.after):
+                continue
+            while not self._done.is_set():
+                with self._lock:
+                    if self._done.is_set():
+                        break
+                    took = time.monotonic() - self._started
+                    page = HTML(f"<small class='kerbsql-progress'>⏳ running on {html.escape(self._cluster)} for "
+                                f"{took:.0f} s (interrupt the kernel to cancel)</small>")
+                    if self._handle is None:
+                        self._handle = display(page, display_id=True)
+                    else:
+                        self._handle.update(page)
+                self._done.wait(1.0)
 
 
+@functools.lru_cache(maxsize=64)
+def _tag_comment(principal: str, aws_identity: str | None, notebook: str | None) -> str:
+    return build_comment({"app": "kerb_jupyter", "principal": principal, "aws_identity": aws_identity,
+                          "notebook": notebook, "kernel": _kernel_id()})
+
+
+@functools.cache
 def _kernel_id() -> str | None:
     try:
         from ipykernel import get_connection_file
@@ -234,6 +264,14 @@ def _kernel_id() -> str | None:
 
 
 _VALUE_OPTIONS = {"-o", "--out", "--limit", "--timeout"}
+_PLAIN = {"out": None, "limit": None, "timeout": None, "dataframe": False, "quiet": False, "list": False}
+
+
+def _parse(magic: Any, options: str) -> Any:
+    """The argparse namespace; the common ``CLUSTER``-only line skips argparse (a tenth of a cell's time)."""
+    if options and " " not in options and not options.startswith("-"):
+        return argparse.Namespace(cluster=options, **_PLAIN)
+    return parse_argstring(magic, options)
 
 
 def split_line(line: str) -> tuple[str, str]:

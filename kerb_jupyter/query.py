@@ -107,9 +107,13 @@ def _run_one(
     tagged = tag_statement(text, opts.comment, params is not None)
     started = time.perf_counter()
     result = ResultSet(statement=original, cluster=cluster)
-    use_cursor = opts.limit is not None and cursor_safe(original)
+    bounded = opts.limit is not None and cursor_safe(original)
+    idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    use_cursor = bounded and not idle
     try:
-        if use_cursor:
+        if bounded and idle:
+            _fetch_streaming(conn, tagged, params, opts.limit or 0, result)
+        elif use_cursor:
             _fetch_through_server_cursor(conn, tagged, params, opts.limit or 0, result)
         else:
             _fetch_at_once(conn, tagged, params, opts.limit, result)
@@ -145,10 +149,38 @@ def _fetch_at_once(
         result.status = cur.statusmessage or ""
 
 
+def _fetch_streaming(
+    conn: psycopg.Connection[Any], sql: str, params: dict[str, Any] | None, limit: int, result: ResultSet
+) -> None:
+    """Rows arrive in chunks and only ``limit + 1`` are kept; if more remain, the statement is cancelled.
+
+    One round trip for small results, bounded memory for huge ones, and the tagged statement is what
+    pg_stat_activity shows. Outside a transaction only: a cancel inside one would abort it.
+    """
+    with conn.cursor(binary=True) as cur:
+        rows: list[tuple[Any, ...]] = []
+        stream = cur.stream(sql, params, size=min(limit + 1, 1000))  # type: ignore[arg-type]
+        try:
+            for row in stream:
+                if not result.columns and cur.description is not None:
+                    result.columns = [Column(d.name, _type_name(conn, d.type_code)) for d in cur.description]
+                rows.append(row)
+                if len(rows) > limit:
+                    break
+        finally:
+            stream.close()  # cancels the rest on the server, if any
+        if not result.columns and cur.description is not None:
+            result.columns = [Column(d.name, _type_name(conn, d.type_code)) for d in cur.description]
+    result.truncated = len(rows) > limit
+    result.rows = rows[:limit]
+    result.rowcount = len(result.rows)
+    result.status = f"SELECT {len(result.rows)}{'+' if result.truncated else ''}"
+
+
 def _fetch_through_server_cursor(
     conn: psycopg.Connection[Any], sql: str, params: dict[str, Any] | None, limit: int, result: ResultSet
 ) -> None:
-    """Only ``limit + 1`` rows ever leave the server: the first rows of a huge result cost little memory."""
+    """Inside the user's transaction: only ``limit + 1`` rows ever leave the server (DECLARE / FETCH)."""
     own_transaction = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     if own_transaction:
         conn.execute("BEGIN")

@@ -176,17 +176,40 @@ def ensure_private_dir(path: Path) -> None:
         os.chmod(path, 0o700)
 
 
+_MEMO: dict[Path, tuple[tuple[int, ...], TicketInfo]] = {}
+
+
 def read_cache(cache: str | Path, allow_expired: bool = False) -> TicketInfo:
     """Inspect a FILE cache without trusting it blindly.
 
     Raises NoTicketError (missing, or no TGT), CacheError (empty, corrupt, wrong owner or mode) and,
-    unless ``allow_expired``, TicketExpiredError.
+    unless ``allow_expired``, TicketExpiredError. An unchanged file (same inode, size, mtime, owner, mode)
+    is not parsed again: the keeper always replaces the file, so any renewal changes the key.
     """
     path = Path(str(cache).removeprefix("FILE:"))
     try:
         st = path.stat()
     except FileNotFoundError:
         raise NoTicketError(f"there is no ticket cache at {path} yet") from None
+    key = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode)
+    memo = _MEMO.get(path)
+    if memo is not None and memo[0] == key:
+        return _check_expiry(memo[1], allow_expired)
+    info = _parse_cache(path, st)
+    _MEMO[path] = (key, info)
+    return _check_expiry(info, allow_expired)
+
+
+def _check_expiry(info: TicketInfo, allow_expired: bool) -> TicketInfo:
+    if not allow_expired and info.expired():
+        raise TicketExpiredError(
+            f"the ticket for {info.principal} expired at "
+            f"{time.strftime('%H:%M:%S', time.localtime(info.endtime))}"
+        )
+    return info
+
+
+def _parse_cache(path: Path, st: os.stat_result) -> TicketInfo:
     if st.st_uid != os.geteuid():
         raise CacheError(f"the ticket cache {path} belongs to uid {st.st_uid}, not to this user: not used")
     if stat.S_IMODE(st.st_mode) & 0o077:
@@ -212,7 +235,7 @@ def read_cache(cache: str | Path, allow_expired: bool = False) -> TicketInfo:
     except krb5.Krb5Error as err:
         raise CacheError(f"the ticket cache {path} is unreadable or corrupt ({err})") from None
     times = creds.times
-    info = TicketInfo(
+    return TicketInfo(
         principal=name,
         starttime=times.starttime or times.authtime,
         endtime=times.endtime,
@@ -220,8 +243,3 @@ def read_cache(cache: str | Path, allow_expired: bool = False) -> TicketInfo:
         renewable=bool(creds.ticket_flags & krb5.TicketFlags.renewable),
         cache=str(path),
     )
-    if not allow_expired and info.expired():
-        raise TicketExpiredError(
-            f"the ticket for {name} expired at {time.strftime('%H:%M:%S', time.localtime(info.endtime))}"
-        )
-    return info
