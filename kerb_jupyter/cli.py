@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,10 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     sb.add_argument("--lab-port", type=int, default=0, help="JupyterLab port (default: a free one)")
     st = sub.add_parser("status", help="show the ticket in the shared cache and the keeper's state")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    kc = sub.add_parser("krb5-conf", help="print a krb5.conf for an Active Directory realm (for lifecycle scripts)")
+    kc.add_argument("--realm", required=True, help="the AD realm, e.g. CORP.EXAMPLE.COM")
+    kc.add_argument("--kdc", action="append", required=True, help="a domain controller host[:port]; repeat")
+    kc.add_argument("--domain", action="append", default=[], help="DNS domain mapped to the realm; repeat "
+                    "(default: the realm in lower case; .rds.amazonaws.com is always mapped, for Aurora)")
     args = parser.parse_args(argv)
     try:
         if args.command == "sandbox":
             return run_sandbox(args)
+        if args.command == "krb5-conf":
+            print(krb5_conf(args.realm, args.kdc, args.domain), end="")
+            return 0
         return show_status(args.json)
     except KerbJupyterError as err:
         print(f"kerb-jupyter: {err}", file=sys.stderr)
@@ -99,6 +108,43 @@ def _start_lab(sandbox: object, port: int) -> subprocess.Popen[bytes]:
           f"{', '.join(sandbox.servers)}; starting JupyterLab on http://127.0.0.1:{port}/lab "
           "(the login URL with its token follows)", file=sys.stderr, flush=True)
     return subprocess.Popen(cmd, env=env, cwd=notebooks)
+
+
+_HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+
+
+def krb5_conf(realm: str, kdcs: list[str], domains: list[str]) -> str:
+    """A client krb5.conf as Aurora + AWS Managed Microsoft AD want it. Raises ConfigError on odd input."""
+    from .config import ConfigError
+
+    realm = realm.upper()
+    if not re.fullmatch(r"[A-Z0-9][A-Z0-9.-]*", realm):
+        raise ConfigError(f"--realm {realm!r} is not a Kerberos realm name")
+    for host in kdcs + domains:
+        if not _HOST.match(host.lstrip(".")):
+            raise ConfigError(f"{host!r} is not a host name")
+    maps = [*(domains or [realm.lower()]), ".rds.amazonaws.com"]
+    mapping = "\n".join(f"    {d if d.startswith('.') else '.' + d} = {realm}\n    {d.lstrip('.')} = {realm}"
+                        for d in maps)
+    kdc_lines = "\n".join(f"        kdc = {k}" for k in kdcs)
+    return f"""[libdefaults]
+    default_realm = {realm}
+    dns_lookup_kdc = false
+    dns_lookup_realm = false
+    rdns = false
+    forwardable = true
+    renew_lifetime = 7d
+    ticket_lifetime = 10h
+    udp_preference_limit = 1
+
+[realms]
+    {realm} = {{
+{kdc_lines}
+    }}
+
+[domain_realm]
+{mapping}
+"""
 
 
 def show_status(as_json: bool) -> int:

@@ -134,7 +134,9 @@ class KerbSqlMagics(Magics):
             opts.comment = self._comment(cluster, info.principal)
             opts.observer = self._auditor(cluster, info.principal)
             try:
-                self._progress.after = self.progress_after if self.shell is not None else 0
+                # Only a kernel's front end renders the live line; a terminal IPython would print object reprs.
+                in_kernel = getattr(self.shell, "kernel", None) is not None
+                self._progress.after = self.progress_after if in_kernel else 0
                 with self._progress.running(cluster):
                     return run_sql(conn, sql, namespace, opts, cluster)
             except ConnectionLost as err:
