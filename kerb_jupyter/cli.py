@@ -115,7 +115,7 @@ _HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 
 def krb5_conf(realm: str, kdcs: list[str], domains: list[str]) -> str:
     """A client krb5.conf as Aurora + AWS Managed Microsoft AD want it. Raises ConfigError on odd input."""
-    from .config import ConfigError
+    from .errors import ConfigError
 
     realm = realm.upper()
     if not re.fullmatch(r"[A-Z0-9][A-Z0-9.-]*", realm):

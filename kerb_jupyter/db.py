@@ -151,7 +151,8 @@ def classify_connect_error(err: psycopg.Error, cluster: ClusterConfig, principal
             code="service_unknown")
     if "Cannot contact any KDC" in text:
         return TicketError(f"cannot reach the KDC to get a service ticket for {where}", code="kdc_unreachable")
-    if "GSSAPI authentication failed" in text or "does not match" in text or "role" in text and "does not exist" in text:
+    refused = ("GSSAPI authentication failed", "does not match", "no pg_hba.conf entry")
+    if any(r in text for r in refused) or ("role" in text and "does not exist" in text):
         return DatabaseError(f"{where} refused {principal}: {first}", code="auth_failed")
     if "Connection refused" in text or "could not translate host name" in text or "timeout expired" in text:
         return DatabaseError(f"cannot reach {where}: {first}", code="db_unreachable")

@@ -45,7 +45,7 @@ class RateLimiter:
         return 0.0
 
 
-class BaseHandler(ExtensionHandlerMixin, APIHandler):  # type: ignore[misc]
+class BaseHandler(ExtensionHandlerMixin, APIHandler):
     auth_resource = AUTH_RESOURCE
 
     @property
@@ -166,7 +166,7 @@ class OpenAPIHandler(BaseHandler):
         self.finish(files("kerb_jupyter").joinpath("openapi.yaml").read_text())
 
 
-class PageHandler(ExtensionHandlerMixin, JupyterHandler):  # type: ignore[misc]
+class PageHandler(ExtensionHandlerMixin, JupyterHandler):
     auth_resource = AUTH_RESOURCE
 
     @web.authenticated

@@ -77,7 +77,8 @@ class IdentityResolver:
         """The first resolver's answer. Raises IdentityError listing every resolver tried and why."""
         tried: list[str] = []
         for name in self.order:
-            found, reason = getattr(self, f"_{name}")()
+            resolver: Callable[[], tuple[Identity | None, str]] = getattr(self, f"_{name}")
+            found, reason = resolver()
             if found is not None:
                 return found
             tried.append(f"{name}: {reason}")

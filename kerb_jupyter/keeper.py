@@ -168,6 +168,7 @@ class TicketKeeper:
         )
 
     def _acquire(self, kind: str) -> TicketInfo:
+        assert self.principal is not None  # resolved before any ticket work
         before = self.clock()
         info = self.source.acquire(self.principal, self.cache, self.lifetime, self.renew_life)
         self.state.acquisitions += 1
@@ -213,7 +214,7 @@ class TicketKeeper:
                       "requested", err)
             self._save()
             return float("inf")
-        delay = min(self.retry_interval * 2 ** (s.consecutive_failures - 1), self.max_retry_interval)
+        delay = float(min(self.retry_interval * 2 ** (s.consecutive_failures - 1), self.max_retry_interval))
         if info is not None and not expired:
             # Never sleep past the point where the remaining attempts would land after expiry.
             delay = min(delay, max((info.endtime - now) / 3, 1.0))

@@ -105,7 +105,7 @@ class KerbSqlMagics(Magics):
         results = self._run(args.cluster, sql, namespace, QueryOptions(limit, args.timeout))
         last = results[-1]
         value: Any = last.to_pandas() if args.dataframe and last.has_rows else last
-        if args.out:
+        if args.out and self.shell is not None:
             self.shell.user_ns[args.out] = value
         if args.quiet:
             return None

@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from typing import Any
 
 try:
-    from prometheus_client import REGISTRY
+    from prometheus_client import REGISTRY as _REGISTRY
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 except ImportError:  # jupyter-server ships prometheus_client; be quiet where it does not
-    REGISTRY = None
+    _REGISTRY = None  # type: ignore[assignment]
+REGISTRY: Any = _REGISTRY
 
 
 class KeeperCollector:
@@ -40,10 +41,10 @@ def register(keeper: Any) -> KeeperCollector | None:
     if REGISTRY is None:
         return None
     collector = KeeperCollector(keeper)
-    REGISTRY.register(collector)  # type: ignore[arg-type]
+    REGISTRY.register(collector)
     return collector
 
 
 def unregister(collector: KeeperCollector | None) -> None:
     if collector is not None and REGISTRY is not None:
-        REGISTRY.unregister(collector)  # type: ignore[arg-type]
+        REGISTRY.unregister(collector)

@@ -6,9 +6,9 @@ No IPython here: the magic is a thin layer over ``run_sql``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg import sql as pgsql
@@ -136,7 +136,7 @@ def _fetch_at_once(
     conn: psycopg.Connection[Any], sql: str, params: dict[str, Any] | None, limit: int | None, result: ResultSet
 ) -> None:
     with conn.cursor(binary=True) as cur:
-        cur.execute(sql, params, prepare=False)  # type: ignore[arg-type]
+        cur.execute(sql, params, prepare=False)
         if cur.description is not None:
             result.columns = [Column(d.name, _type_name(conn, d.type_code)) for d in cur.description]
             if limit is None:
@@ -159,7 +159,7 @@ def _fetch_streaming(
     """
     with conn.cursor(binary=True) as cur:
         rows: list[tuple[Any, ...]] = []
-        stream = cur.stream(sql, params, size=min(limit + 1, 1000))  # type: ignore[arg-type]
+        stream = cast(Generator[Any, None, None], cur.stream(sql, params, size=min(limit + 1, 1000)))
         try:
             for row in stream:
                 if not result.columns and cur.description is not None:
@@ -188,7 +188,7 @@ def _fetch_through_server_cursor(
     try:
         with conn.cursor(name=CURSOR_NAME, binary=True) as cur:
             cur.itersize = limit + 1
-            cur.execute(sql, params)  # type: ignore[arg-type]
+            cur.execute(sql, params)
             assert cur.description is not None
             result.columns = [Column(d.name, _type_name(conn, d.type_code)) for d in cur.description]
             rows = cur.fetchmany(limit + 1)

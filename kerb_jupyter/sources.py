@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import shutil
-import logging
 import string
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager

@@ -105,7 +105,8 @@ def test_studio_space_owner(tmp_path):
     meta.write_text(json.dumps({"DomainId": "d-abc", "SpaceName": "alice-space",
                                 "ResourceArn": "arn:aws:sagemaker:us-east-1:123456789012:app/d-abc/x"}))
     factory = studio_factory(
-        {"DomainId": "d-abc", "SpaceName": "alice-space", "OwnershipSettings": {"OwnerUserProfileName": "alice-profile"},
+        {"DomainId": "d-abc", "SpaceName": "alice-space",
+         "OwnershipSettings": {"OwnerUserProfileName": "alice-profile"},
          "SpaceSharingSettings": {"SharingType": "Private"}, "CreationTime": datetime.now(timezone.utc)},
         {"DomainId": "d-abc", "UserProfileName": "alice-profile", "SingleSignOnUserValue": "alice@example.com",
          "UserProfileArn": "arn:aws:sagemaker:us-east-1:123456789012:user-profile/d-abc/alice-profile"},

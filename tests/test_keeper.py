@@ -250,7 +250,8 @@ def test_missing_secret_is_a_clear_error(sandbox, cache, aws):
     keeper = keeper_for(sandbox, cache, SecretsManagerSource("kerberos/{user}", "keytab", region="us-east-1"))
     keeper.step()
     assert keeper.state.state in ("expired", "retrying")
-    assert keeper.state.last_error["message"] == "Secrets Manager refused secret 'kerberos/alice': ResourceNotFoundException"
+    assert keeper.state.last_error["message"] == \
+        "Secrets Manager refused secret 'kerberos/alice': ResourceNotFoundException"
 
 
 def test_password_from_secrets_manager_never_reaches_logs_or_state(sandbox, cache, aws, extra_principals, caplog):

@@ -10,9 +10,9 @@ import uuid
 from decimal import Decimal
 
 import pytest
+from conftest import write_config
 from IPython.core.interactiveshell import InteractiveShell
 
-from conftest import write_config
 from kerb_jupyter import tickets
 from kerb_jupyter.results import ResultSet
 from kerb_jupyter.sandbox.procs import free_port
@@ -86,12 +86,12 @@ def test_missing_parameter_is_a_clear_error_and_nothing_runs(shell, capsys):
     run(shell, "%%kerbsql analytics\nCREATE TEMP TABLE guard (x int);\nSELECT :nope")
     err = capsys.readouterr().err
     assert "UsageError: the query uses :nope but there is no variable named 'nope'" in err
-    _, res = run(shell, "%kerbsql analytics SELECT * FROM guard")
+    run(shell, "%kerbsql analytics SELECT * FROM guard")
     assert "relation \"guard\" does not exist" in capsys.readouterr().err  # the CREATE never ran
 
 
 def test_sql_error_shows_sqlstate_message_and_position(shell, capsys):
-    _, res = run(shell, "%%kerbsql analytics\nSELECT 1;\nSELECT city,\n  nonexistent_column\nFROM trips")
+    run(shell, "%%kerbsql analytics\nSELECT 1;\nSELECT city,\n  nonexistent_column\nFROM trips")
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "SQL error 42703: column \"nonexistent_column\" does not exist" in err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -10,9 +9,7 @@ import sys
 import time
 
 import pytest
-
 from helpers import KernelSession, start_extensions, wait_keeper
-
 
 NOTEBOOK = "projects/q4 report.ipynb"
 
@@ -161,7 +158,8 @@ async def test_interrupt_cancels_the_query_on_the_server(kernel, sandbox):
             break
         time.sleep(0.05)
     else:
-        raise AssertionError(f"the query never started: {pid} {server.admin('SELECT pid, state, query FROM pg_stat_activity')}")
+        activity = server.admin("SELECT pid, state, query FROM pg_stat_activity")
+        raise AssertionError(f"the query never started: {pid} {activity}")
     await kernel.interrupt()
     reply = kernel.client.get_shell_msg(timeout=20)
     assert reply["parent_header"]["msg_id"] == msg_id
@@ -217,3 +215,16 @@ async def test_work_survives_renewals_and_new_connections_use_the_new_ticket(con
     # ...and a brand-new connection to the other cluster needs a ticket that is valid now.
     out = await kernel.arun("%kerbsql finance -o fresh SELECT current_user\nprint(fresh[0][0])")
     assert out.stdout.strip() == sandbox.principal, out.text
+
+
+async def test_the_demo_notebook_runs_cleanly(kernel):
+    """Every code cell of the notebook the demo opens, in order, in a kernel started by the server."""
+    from importlib.resources import files
+
+    notebook = json.loads(files("kerb_jupyter").joinpath("sandbox", "demo.ipynb").read_text())
+    code = [c["source"] for c in notebook["cells"] if c["cell_type"] == "code"]
+    assert len(code) >= 6
+    for source in code:
+        out = kernel.run(source)
+        assert out.error is None and "Error" not in out.stderr, (source, out.text)
+    assert "Dublin" in kernel.run("print(trips.rows[0])").stdout

@@ -9,11 +9,11 @@ from importlib.resources import files
 
 import pytest
 import yaml
+from helpers import extension, start_extensions, wait_state
 from jupyter_server.auth import Authorizer
 from openapi_schema_validator import OAS30Validator
 from tornado.httpclient import HTTPClientError
 
-from helpers import extension, start_extensions, wait_state
 from kerb_jupyter.handlers import handlers
 from kerb_jupyter.sandbox.procs import free_port
 

@@ -15,8 +15,7 @@ import psycopg
 import pytest
 
 from kerb_jupyter import SandboxError, tickets
-from kerb_jupyter.sandbox import Realm, Sandbox
-from kerb_jupyter.sandbox import procs
+from kerb_jupyter.sandbox import Realm, Sandbox, procs
 
 
 def test_the_sandbox_serves_gssapi_logins(sandbox, tmp_path):
@@ -99,7 +98,7 @@ def test_a_missing_daemon_names_the_package_to_install(monkeypatch):
 
 
 def test_kadmin_failures_are_not_silent(sandbox):
-    with pytest.raises(SandboxError, match="kadmin.local"):
+    with pytest.raises(SandboxError, match=r"kadmin\.local"):
         sandbox.realm.add_principal(sandbox.user, password="again")  # already exists
 
 

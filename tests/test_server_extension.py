@@ -8,11 +8,10 @@ import stat
 from pathlib import Path
 
 import pytest
+from helpers import start_extensions, wait_state
 from tornado.httpclient import HTTPClientError
 
 from kerb_jupyter import tickets
-
-from helpers import start_extensions, wait_state
 
 
 async def test_extension_loads_and_gets_a_ticket(jp_serverapp, jp_fetch, sandbox, kj_config):
@@ -57,7 +56,8 @@ def identity_config(request, kj_config, sandbox):
                         mapping={"rules": [rule]})
 
 
-@pytest.mark.parametrize("identity_config", [("Alice@Example.com", {"template": "{local}@kerb.test", "case": "lower"})], indirect=True)
+@pytest.mark.parametrize("identity_config", [("Alice@Example.com", {"template": "{local}@kerb.test", "case": "lower"})],
+                         indirect=True)
 async def test_identity_is_mapped_to_the_principal(identity_config, jp_serverapp, jp_fetch, sandbox):
     await start_extensions(jp_serverapp)
     doc = await wait_state(jp_fetch, "valid")
