@@ -171,10 +171,32 @@ def _fetch_streaming(
             stream.close()  # cancels the rest on the server, if any
         if not result.columns and cur.description is not None:
             result.columns = [Column(d.name, _type_name(conn, d.type_code)) for d in cur.description]
+    if not rows and not result.columns:
+        # psycopg's stream() drops the description of an empty result: ask the server for it (no execution).
+        result.columns = _describe(conn, sql, params)
     result.truncated = len(rows) > limit
     result.rows = rows[:limit]
     result.rowcount = len(result.rows)
     result.status = f"SELECT {len(result.rows)}{'+' if result.truncated else ''}"
+
+
+def _describe(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any] | None) -> list[Column]:
+    """Column names and types of a statement, from a server-side Describe of it (nothing runs)."""
+    text = sql
+    if params is not None:  # psycopg's %(name)s placeholders -> $n, %% -> %
+        for i, name in enumerate(params, 1):
+            text = text.replace(f"%({name})s", f"${i}")
+        text = text.replace("%%", "%")
+    pgconn = conn.pgconn
+    encoding = conn.info.encoding
+    prepared = pgconn.prepare(b"", text.encode(encoding))
+    if prepared.status != psycopg.pq.ExecStatus.COMMAND_OK:
+        return []  # e.g. a parameter whose type the server cannot infer without its value
+    res = pgconn.describe_prepared(b"")
+    if res.status != psycopg.pq.ExecStatus.COMMAND_OK:
+        return []
+    return [Column((res.fname(i) or b"?").decode(encoding), _type_name(conn, res.ftype(i)))
+            for i in range(res.nfields)]
 
 
 def _fetch_through_server_cursor(

@@ -206,3 +206,29 @@ def test_sqlalchemy_engine_with_pandas(shell, sandbox):
     df = pd.read_sql("SELECT current_user AS who, count(*) AS n FROM trips", engine)
     assert df.to_dict("records") == [{"who": sandbox.principal, "n": 1000}]
     engine.dispose()
+
+
+def test_tagging_can_be_turned_off_per_cluster(shell, sandbox):
+    for cluster in ("analytics", "untagged"):
+        marker = f"tagging_{cluster}_{uuid.uuid4().hex[:8]}"
+        run(shell, f"%kerbsql {cluster} SELECT '{marker}'")
+        [line] = [x for x in sandbox.servers["analytics"].log_text().splitlines() if marker in x]
+        assert ("/*app='kerb_jupyter'" in line) == (cluster == "analytics"), line
+        assert ("app=kerb_jupyter:alice@KERB.TEST" in line) == (cluster == "analytics"), line
+
+
+def test_empty_results_still_have_columns(shell):
+    out, _ = run(shell, "%kerbsql analytics SELECT id, city FROM trips WHERE false")
+    assert [c.name for c in out.columns] == ["id", "city"] and out.rows == [] and not out.truncated
+    shell.user_ns["town"] = "Nowhere"
+    out, _ = run(shell, "%kerbsql analytics SELECT id, '100%' AS pct FROM trips WHERE city = :town")
+    assert [(c.name, c.type_name) for c in out.columns] == [("id", "int4"), ("pct", "text")] and out.rows == []
+
+
+def test_a_select_inside_a_transaction_uses_a_cursor_and_keeps_the_transaction(shell):
+    run(shell, "%kerbsql analytics BEGIN")
+    out, _ = run(shell, "%kerbsql analytics --limit 3 SELECT id FROM trips ORDER BY id")
+    assert out.rows == [(1,), (2,), (3,)] and out.truncated
+    still, _ = run(shell, "%kerbsql analytics SELECT now() = statement_timestamp() AS fresh, 1 AS one")
+    assert still.rows[0][0] is False  # still inside the same transaction: now() is the transaction's start
+    run(shell, "%kerbsql analytics COMMIT")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,3 +138,121 @@ def test_extension_is_enabled_by_installing_the_package():
     text = out.stdout + out.stderr
     assert "kerb_jupyter" in text and "enabled" in text.split("kerb_jupyter", 1)[1].splitlines()[0], text
     assert "kerb_jupyter 0.1.0" in text and "OK" in text.split("kerb_jupyter 0.1.0", 1)[1].splitlines()[0]
+
+
+def test_a_postgres_that_fails_reports_its_log(tmp_path):
+    from kerb_jupyter.sandbox import Postgres
+
+    realm = Realm(tmp_path / "realm")
+    realm.create()
+    realm.add_principal("postgres/localhost")
+    realm.start()
+    server = Postgres(tmp_path, realm, "broken")
+    try:
+        server.start()
+        server.stop()
+        with open(server.data / "postgresql.conf", "a") as conf:
+            conf.write("shared_buffers = 'lots'\n")
+        with pytest.raises(SandboxError, match="PostgreSQL did not start") as err:
+            server.start()
+        assert "shared_buffers" in str(err.value)  # the server's own complaint, from its log
+    finally:
+        server.destroy()
+        realm.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_the_demo_command_runs_jupyterlab_and_stops_everything(tmp_path, sig):
+    """`kerb-jupyter sandbox` (what scripts/demo runs): realm, two clusters and JupyterLab with the extension,
+    started by the real server's start-up path; a signal stops it all."""
+    import urllib.request
+
+    lab_port = procs.free_port()
+    env = {**os.environ, "JUPYTER_TOKEN": "demo-test-token", "HOME": str(tmp_path),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+    env.pop("KERB_JUPYTER_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "kerb_jupyter.cli", "sandbox", "--dir", str(tmp_path / "sb"),
+                             "--lab-port", str(lab_port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "demo.log", "wb"))
+    base = f"http://127.0.0.1:{lab_port}"
+
+    def get(path):
+        req = urllib.request.Request(base + path, headers={"Authorization": "token demo-test-token"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read()
+
+    try:
+        deadline = time.monotonic() + 90
+        status = None
+        while time.monotonic() < deadline:
+            try:
+                status = json.loads(get("/kerb-jupyter/api/status")[1])
+                if status["state"] == "valid":
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
+            time.sleep(0.3)
+        assert status and status["state"] == "valid", status
+        assert status["principal"] == "alice@KERB.TEST"
+        assert get("/lab")[0] == 200
+        contents = json.loads(get("/api/contents")[1])
+        assert "demo.ipynb" in [c["name"] for c in contents["content"]]
+        clusters = json.loads(get("/kerb-jupyter/api/clusters")[1])["clusters"]
+        ports = [c["port"] for c in clusters]
+        assert [c["name"] for c in clusters] == ["analytics", "finance"]
+    finally:
+        proc.send_signal(sig)
+        proc.wait(60)
+    assert proc.returncode == 0, (tmp_path / "demo.log").read_text()[-3000:]
+    for port in [lab_port, *ports]:
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_the_sandbox_works_for_an_unprivileged_user(tmp_path):
+    """As a normal user (here: nobody, in a forked child), PostgreSQL runs as that user in the sandbox directory,
+    and a GSSAPI login works end to end."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another user (as a normal user, every other test covers this)")
+    import pwd
+
+    import psycopg.pq  # imported before dropping privileges: this interpreter lives under /root
+
+    nobody = pwd.getpwnam("nobody")
+    work = Path(tempfile.mkdtemp(prefix="kj-nobody-"))
+    os.chown(work, nobody.pw_uid, nobody.pw_gid)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become nobody, run a sandbox, log in with GSSAPI, report, exit
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            os.environ["HOME"] = str(work)
+            with Sandbox(work / "sb", clusters=("mine",)) as sb:
+                os.environ["KRB5_CONFIG"] = str(sb.realm.krb5_conf)
+                cache = work / "cc" / "krb5cc"
+                tickets.acquire_with_keytab(sb.principal, sb.keytab, cache)
+                os.environ["KRB5CCNAME"] = f"FILE:{cache}"
+                server = sb.servers["mine"]
+                with psycopg.connect(host="localhost", port=server.port, dbname="mine", user=sb.principal,
+                                     gssencmode="prefer") as conn:
+                    who = conn.execute("SELECT current_user").fetchone()[0]
+                owner = (server.data / "PG_VERSION").stat().st_uid
+                os.write(write_end, json.dumps({"who": who, "data": str(server.data), "owner": owner}).encode())
+            code = 0
+        except BaseException as err:  # report whatever happened to the parent
+            os.write(write_end, json.dumps({"error": repr(err)}).encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        report = json.loads(f.read() or "{}")
+    _, status = os.waitpid(pid, 0)
+    shutil.rmtree(work, ignore_errors=True)
+    assert os.waitstatus_to_exitcode(status) == 0, report
+    assert report["who"] == "alice@KERB.TEST"
+    assert report["data"].startswith(str(work)) and report["owner"] == nobody.pw_uid

@@ -70,6 +70,11 @@ async def test_status_page_in_a_real_browser(jp_serverapp, jp_fetch, jp_base_url
         await page.click("#renew")
         await page.wait_for_function("document.getElementById('renew-result').textContent !== ''")
         assert await page.text_content("#renew-result") == "renewed"
+        # The same POST with the login cookie but without the XSRF header is refused by Jupyter.
+        refused = await page.evaluate(
+            "fetch(document.querySelector('meta[name=kj-base]').content + '/api/renew', "
+            "{method: 'POST', credentials: 'same-origin'}).then(r => r.status)")
+        assert refused == 403
         # KERB_JUPYTER_SCREENSHOTS=docs keeps the picture (docs/status-page.png was made this way).
         shots = Path(os.environ.get("KERB_JUPYTER_SCREENSHOTS", tmp_path))
         shots.mkdir(exist_ok=True)
