@@ -17,6 +17,8 @@ import html
 import os
 import threading
 import time
+from collections import ChainMap
+from collections.abc import Mapping
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -101,7 +103,7 @@ class KerbSqlMagics(Magics):
             raise UsageError("--limit must be 0 or more")
         fetch_all = bool(args.out or args.dataframe)
         limit = args.limit if args.limit is not None else (None if fetch_all else self.display_limit)
-        namespace = {**(self.shell.user_ns if self.shell else {}), **local_ns}
+        namespace = ChainMap(local_ns, self.shell.user_ns if self.shell else {})  # no copy of user_ns
         results = self._run(args.cluster, sql, namespace, QueryOptions(limit, args.timeout))
         last = results[-1]
         value: Any = last.to_pandas() if args.dataframe and last.has_rows else last
@@ -126,7 +128,7 @@ class KerbSqlMagics(Magics):
         except KerbJupyterError as err:
             raise UsageError(str(err)) from None
 
-    def _run(self, cluster: str, sql: str, namespace: dict[str, Any], opts: QueryOptions) -> list[ResultSet]:
+    def _run(self, cluster: str, sql: str, namespace: Mapping[str, Any], opts: QueryOptions) -> list[ResultSet]:
         self.settings.cluster(cluster)  # UnknownClusterError before anything else
         for attempt in (1, 2):
             conn = self.session.connection(cluster)

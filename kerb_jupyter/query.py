@@ -5,6 +5,7 @@ No IPython here: the magic is a thin layer over ``run_sql``.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
@@ -50,18 +51,19 @@ def run_sql(
     failed statement, ConnectionLost when the server went away; KeyboardInterrupt cancels the running
     statement on the server and leaves the connection usable.
     """
-    statements = split_statements(cell)
-    if not statements:
+    plan = plan_cell(cell)
+    if not plan:
         raise ConfigError("the cell has no SQL statement to run")
-    prepared = [_bind(s, namespace) for s in statements]  # all names checked before anything runs
+    prepared = [_bind(step, namespace) for step in plan]  # all names checked before anything runs
     results: list[ResultSet] = []
     if opts.timeout:
         conn.execute(pgsql.SQL("SET statement_timeout = {}").format(int(opts.timeout * 1000)))
     try:
-        for original, (text, params) in zip(statements, prepared):
+        for step, params in zip(plan, prepared):
+            original, text = step.original, step.text
             started = time.perf_counter()
             try:
-                results.append(_run_one(conn, original, text, params, opts, cluster))
+                results.append(_run_one(conn, step, params, opts, cluster))
             except BaseException as err:
                 if opts.observer is not None:
                     opts.observer(original, None, err, time.perf_counter() - started)
@@ -88,26 +90,45 @@ def _reset_timeout(conn: psycopg.Connection[Any]) -> None:
     conn.execute("RESET statement_timeout")
 
 
-def _bind(statement: str, namespace: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
-    text, names = bind_names(statement)
-    if not names:
-        return statement, None
-    missing = [n for n in names if n not in namespace]
+@dataclass(frozen=True)
+class Step:
+    """One statement of a cell, lexed once: the user's text, psycopg's text, its parameter names, and whether
+    PostgreSQL would run it as a plain query (so its rows can be streamed or read through a cursor)."""
+
+    original: str
+    text: str
+    names: tuple[str, ...]
+    plain_query: bool
+
+
+@functools.lru_cache(maxsize=256)
+def plan_cell(cell: str) -> tuple[Step, ...]:
+    """The statements of a cell (cached: re-running a cell does not lex it again)."""
+    steps = []
+    for statement in split_statements(cell):
+        text, names = bind_names(statement)
+        steps.append(Step(statement, text, tuple(names), cursor_safe(statement)))
+    return tuple(steps)
+
+
+def _bind(step: Step, namespace: Mapping[str, Any]) -> dict[str, Any] | None:
+    if not step.names:
+        return None
+    missing = [n for n in step.names if n not in namespace]
     if missing:
         raise ConfigError(
             f"the query uses :{missing[0]} but there is no variable named {missing[0]!r} in the notebook"
         )
-    return text, {n: namespace[n] for n in names}
+    return {n: namespace[n] for n in step.names}
 
 
 def _run_one(
-    conn: psycopg.Connection[Any], original: str, text: str, params: dict[str, Any] | None,
-    opts: QueryOptions, cluster: str,
+    conn: psycopg.Connection[Any], step: Step, params: dict[str, Any] | None, opts: QueryOptions, cluster: str,
 ) -> ResultSet:
-    tagged = tag_statement(text, opts.comment, params is not None)
+    tagged = tag_statement(step.text, opts.comment, params is not None)
     started = time.perf_counter()
-    result = ResultSet(statement=original, cluster=cluster)
-    bounded = opts.limit is not None and cursor_safe(original)
+    result = ResultSet(statement=step.original, cluster=cluster)
+    bounded = opts.limit is not None and step.plain_query
     idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     use_cursor = bounded and not idle
     try:
