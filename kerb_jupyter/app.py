@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
@@ -154,11 +153,6 @@ class KerbJupyterApp(ExtensionApp):
             await keeper.stop()
         metrics.unregister(getattr(self, "_collector", None))
         self._collector = None
-
-    @property
-    def state_dir(self) -> Path:
-        return self.settings_obj.state_dir
-
 
 def make_resolver(settings: Settings) -> Callable[[], tuple[dict[str, Any], str]]:
     """Identity chain + mapping rules as one call the keeper makes (in a thread: AWS calls block)."""

@@ -30,10 +30,6 @@ class KerbJupyterError(Exception):
         if code is not None:
             self.code = code
 
-    @property
-    def message(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
 
 class ConfigError(KerbJupyterError):
     code = "config_error"

@@ -24,6 +24,7 @@ from typing import Any
 from . import tickets
 from .errors import (
     CacheError,
+    ConfigError,
     CredentialsRejectedError,
     IdentityError,
     KerbJupyterError,
@@ -120,7 +121,7 @@ class TicketKeeper:
                 info = self._refresh(info, now)
             else:
                 self._record_ok(info, None)
-        except CredentialsRejectedError as err:
+        except (CredentialsRejectedError, ConfigError) as err:  # retrying cannot help: say so and wait
             return self._record_failure(err, info, fatal=True)
         except (KerbJupyterError, OSError) as err:
             return self._record_failure(err, info, fatal=False)
@@ -184,7 +185,8 @@ class TicketKeeper:
 
     def _renew_at(self, info: TicketInfo) -> float:
         life = max(info.endtime - info.starttime, 1)
-        at = info.starttime + life * self.renew_fraction + random.uniform(-self.jitter, 0) * life
+        # Jitter spreads many servers' renewals; seeded by the ticket so every call agrees on the moment.
+        at = info.starttime + life * self.renew_fraction + random.Random(info.starttime).uniform(-self.jitter, 0) * life
         # Leave room for at least two more attempts before the ticket expires.
         latest = info.endtime - 2 * min(self.retry_interval, life / 4)
         return min(at, latest)

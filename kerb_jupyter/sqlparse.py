@@ -109,18 +109,12 @@ def bind_names(sql: str) -> tuple[str, list[str]]:
     names: list[str] = []
     pieces: list[str] = []
     for kind, s, e in _tokens(sql):
-        text = sql[s:e]
-        if kind != "code":
-            pieces.append(text)
-            continue
-        pieces.append(_bind_code(text, names))
+        # Every literal % is doubled (psycopg reads % as a placeholder once there are parameters).
+        text = sql[s:e].replace("%", "%%")
+        pieces.append(_bind_code(text, names) if kind == "code" else text)
     if not names:
         return sql, []
-    escaped = []
-    for kind, s, e in _tokens(sql):
-        text = sql[s:e]
-        escaped.append(text.replace("%", "%%") if kind != "code" else _bind_code(text.replace("%", "%%"), []))
-    return "".join(escaped), names
+    return "".join(pieces), names
 
 
 def _bind_code(text: str, names: list[str]) -> str:
