@@ -22,7 +22,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, needs_local_scope
+from IPython.core.magic import (
+    Magics,
+    line_cell_magic,
+    line_magic,
+    magics_class,
+    needs_local_scope,
+    no_var_expand,
+)
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Float, Int
 
@@ -79,6 +86,7 @@ class KerbSqlMagics(Magics):
     @argument("--quiet", action="store_true", help="show nothing (use with -o)")
     @argument("--list", action="store_true", help="list the configured clusters")
     @needs_local_scope
+    @no_var_expand  # IPython would rewrite "$$" and "{name}" in the SQL of the line form
     @line_cell_magic
     def kerbsql(self, line: str, cell: str | None = None, local_ns: dict[str, Any] | None = None) -> Any:
         """Run SQL on a configured cluster with the shared Kerberos ticket."""

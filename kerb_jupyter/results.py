@@ -69,6 +69,10 @@ class ResultSet:
         body = [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
         return "\n".join([line, sep, *body, self.footer()])
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        # Both forms at once: IPython then skips its generic pretty-printer for text/plain.
+        return {"text/plain": repr(self), "text/html": self._repr_html_()}
+
     def _repr_html_(self) -> str:
         if not self.has_rows:
             return f"<div class='kerbsql-status'>{html.escape(self.summary())}</div>"

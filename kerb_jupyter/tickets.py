@@ -186,9 +186,9 @@ def read_cache(cache: str | Path, allow_expired: bool = False) -> TicketInfo:
     unless ``allow_expired``, TicketExpiredError. An unchanged file (same inode, size, mtime, owner, mode)
     is not parsed again: the keeper always replaces the file, so any renewal changes the key.
     """
-    path = Path(str(cache).removeprefix("FILE:"))
+    path = cache if isinstance(cache, Path) else Path(str(cache).removeprefix("FILE:"))
     try:
-        st = path.stat()
+        st = os.stat(path)
     except FileNotFoundError:
         raise NoTicketError(f"there is no ticket cache at {path} yet") from None
     key = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_uid, st.st_mode)

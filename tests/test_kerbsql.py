@@ -57,6 +57,9 @@ SELECT id, name FROM t ORDER BY id""")
 def test_line_form_and_list(shell):
     out, _ = run(shell, "%kerbsql finance SELECT 'it''s' AS quoted, 1 + 1 AS two")
     assert out.rows == [("it's", 2)]
+    shell.user_ns["x"] = "INJECTED"
+    out, _ = run(shell, "%kerbsql finance SELECT $$a{x}$x$$ AS dollar, '{x}' AS braces")
+    assert out.rows == [("a{x}$x", "{x}")]  # no IPython variable expansion in SQL
     listing, _ = run(shell, "%kerbsql --list")
     assert [r[0] for r in listing.rows] == ["analytics", "finance", "closed", "untagged"]
 
