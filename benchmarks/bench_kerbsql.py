@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -57,6 +58,7 @@ def peak_mb() -> float:
 def median_time(fn: Callable[[], Any], runs: int) -> float:
     times = []
     for _ in range(runs):
+        gc.collect()  # the previous method's garbage is not this one's cost
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)

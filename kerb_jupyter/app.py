@@ -105,11 +105,17 @@ class KerbJupyterApp(ExtensionApp):
         os.environ["KERB_JUPYTER_STATE_DIR"] = str(self.settings_obj.state_dir)
         if self.settings_obj.path is not None:
             os.environ[ENV_CONFIG] = str(self.settings_obj.path)
-        who = (self.keeper.principal or "(from the identity chain)") if self.keeper else "(none configured)"
+        if self.keeper is None:
+            who = "no principal configured"
+        elif self.keeper.principal:
+            who = f"principal {self.keeper.principal} (configured)"
+        else:
+            order = self.settings_obj.identity.get("order") or ["default order"]
+            who = f"principal from identity ({', '.join(order)}) and mapping rules"
         self.log.info(
-            "kerb_jupyter %s: principal %s, source %s, cache %s, clusters %s",
-            __version__, who, self.keeper.source.describe() if self.keeper else "(none)",
-            self.settings_obj.cache_path, ", ".join(self.settings_obj.clusters) or "(none)",
+            "kerb_jupyter %s: %s, ticket from %s, cache %s, clusters: %s", __version__, who,
+            self.keeper.source.describe() if self.keeper else "(nothing)", self.settings_obj.cache_path,
+            ", ".join(self.settings_obj.clusters) or "(none)",
         )
 
     def _make_keeper(self, settings: Settings) -> TicketKeeper | None:

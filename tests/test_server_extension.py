@@ -117,3 +117,21 @@ def test_an_invalid_setting_fails_start_up_naming_trait_and_value(jp_configurabl
         jp_configurable_serverapp(config=jp_server_config)
     said = caplog.text + "".join(capsys.readouterr())
     assert "KerbJupyterApp.renew_fraction must be between 0.1 and 0.95, not 5.0" in said
+
+
+async def test_one_start_up_line_says_what_it_will_do_and_no_secret(caplog, jp_serverapp, sandbox):
+    from helpers import extension
+
+    # The app's logger does not propagate and traitlets resets its handlers while the server starts:
+    # listen on it now and run the set-up step that writes the line once more.
+    app = extension(jp_serverapp)
+    app.log.addHandler(caplog.handler)
+    try:
+        app.initialize_settings()
+    finally:
+        app.log.removeHandler(caplog.handler)
+    log = caplog.text
+    [line] = [x for x in log.splitlines() if "kerb_jupyter 0.1.0:" in x]
+    assert f"principal {sandbox.principal} (configured)" in line
+    assert f"ticket from keytab {sandbox.keytab}" in line and "clusters: analytics, finance" in line
+    assert sandbox.password_file.read_text() not in log
