@@ -168,10 +168,17 @@ class KerbSqlMagics(Magics):
             outcome = "ok" if error is None else ("cancelled" if isinstance(error, KeyboardInterrupt) else
                                                   getattr(error, "code", None) or
                                                   f"sql_{getattr(getattr(error, 'diag', None), 'sqlstate', '')}")
-            audit.record(path, identity=identity.get("name"), identity_source=identity.get("source"),
-                         principal=principal, cluster=cluster, statement=statement,
-                         rows=None if result is None else max(result.rowcount, len(result.rows)),
-                         duration_ms=round(elapsed * 1000, 2), outcome=outcome)
+            try:
+                audit.record(path, identity=identity.get("name"), identity_source=identity.get("source"),
+                             principal=principal, cluster=cluster, statement=statement,
+                             rows=None if result is None else max(result.rowcount, len(result.rows)),
+                             duration_ms=round(elapsed * 1000, 2), outcome=outcome)
+            except OSError as err:  # an audit trail with holes is worse than a loud stop
+                raise KerbJupyterError(
+                    f"the audit log {path} could not be written ({err.strerror}); the statement "
+                    f"{'ran' if error is None else 'failed'} on {cluster}, the rest of the cell was not run",
+                    code="audit_failed",
+                ) from None
 
         return observe
 

@@ -235,3 +235,13 @@ def test_a_select_inside_a_transaction_uses_a_cursor_and_keeps_the_transaction(s
     still, _ = run(shell, "%kerbsql analytics SELECT now() = statement_timestamp() AS fresh, 1 AS one")
     assert still.rows[0][0] is False  # still inside the same transaction: now() is the transaction's start
     run(shell, "%kerbsql analytics COMMIT")
+
+
+def test_an_unwritable_audit_log_stops_loudly(shell, tmp_path, capsys):
+    blocker = tmp_path / "audit"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "audit.jsonl").mkdir()  # a directory where the log file should be
+    run(shell, "%%kerbsql analytics\nSELECT 1;\nSELECT 2")
+    err = capsys.readouterr().err
+    assert "UsageError: the audit log" in err and "could not be written" in err
+    assert "the statement ran on analytics, the rest of the cell was not run" in err
