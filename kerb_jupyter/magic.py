@@ -21,6 +21,7 @@ from collections import ChainMap
 from collections.abc import Mapping
 from typing import Any
 
+import psycopg
 from IPython.core.error import UsageError
 from IPython.core.magic import (
     Magics,
@@ -154,7 +155,9 @@ class KerbSqlMagics(Magics):
                 if attempt == 2 or err.statements_done:
                     raise
             except KeyboardInterrupt:
-                print(f"kerbsql: cancelled; the query was stopped on {cluster} and the connection is kept.")
+                aborted = conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+                print(f"kerbsql: cancelled; the query was stopped on {cluster} and the connection is kept."
+                      + (" Your open transaction is aborted: run ROLLBACK." if aborted else ""))
                 return [ResultSet(statement=sql, status="CANCELLED", cluster=cluster)]
         raise AssertionError("unreachable")
 

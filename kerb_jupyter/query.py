@@ -48,8 +48,9 @@ def run_sql(
     """Execute every statement of ``cell``; returns one ResultSet per statement.
 
     Raises ConfigError for a missing ``:name`` variable, DatabaseError (SQLSTATE, message, position) for a
-    failed statement, ConnectionLost when the server went away; KeyboardInterrupt cancels the running
-    statement on the server and leaves the connection usable.
+    failed statement, ConnectionLost when the server went away. On KeyboardInterrupt psycopg cancels the
+    running statement on the server; the connection stays usable (an explicit transaction the user had open
+    is then aborted, as in psql, and waits for their ROLLBACK).
     """
     plan = plan_cell(cell)
     if not plan:
@@ -142,12 +143,6 @@ def _run_one(
         if params is None:  # with parameters the server sees $n placeholders: no position mapping
             # What the server saw, so an error position maps back onto the user's statement.
             err._kerb_sent = (DECLARE_PREFIX if use_cursor else "") + tagged  # type: ignore[attr-defined]
-        raise
-    except KeyboardInterrupt:
-        # psycopg has already sent a cancel request; make sure the connection is usable again.
-        if not conn.broken and conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR \
-                and conn.autocommit:
-            conn.execute("ROLLBACK")
         raise
     result.elapsed = time.perf_counter() - started
     return result

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import signal
+import threading
 import time
 import uuid
 from decimal import Decimal
@@ -245,3 +247,32 @@ def test_an_unwritable_audit_log_stops_loudly(shell, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "UsageError: the audit log" in err and "could not be written" in err
     assert "the statement ran on analytics, the rest of the cell was not run" in err
+
+
+def interrupt_soon(delay: float = 1.0) -> threading.Timer:
+    """Ctrl-C in a second, delivered to this (the shell's) thread as a real SIGINT."""
+    main = threading.get_ident()
+    timer = threading.Timer(delay, lambda: signal.pthread_kill(main, signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def test_ctrl_c_cancels_and_keeps_the_connection(shell, capsys):
+    pid = run(shell, "%kerbsql analytics SELECT pg_backend_pid()")[0].rows[0][0]
+    interrupt_soon()
+    out, _ = run(shell, "%kerbsql analytics SELECT pg_sleep(30)")
+    said = capsys.readouterr().out
+    assert "kerbsql: cancelled; the query was stopped on analytics" in said and "ROLLBACK" not in said
+    assert out.status == "CANCELLED"
+    assert run(shell, "%kerbsql analytics SELECT pg_backend_pid()")[0].rows[0][0] == pid
+
+
+def test_ctrl_c_inside_a_transaction_says_it_is_aborted(shell, capsys):
+    run(shell, "%kerbsql analytics BEGIN")
+    interrupt_soon()
+    run(shell, "%kerbsql analytics SELECT pg_sleep(30)")
+    assert "Your open transaction is aborted: run ROLLBACK." in capsys.readouterr().out
+    run(shell, "%kerbsql analytics SELECT 1")
+    assert "SQL error 25P02: current transaction is aborted" in capsys.readouterr().err  # as in psql
+    run(shell, "%kerbsql analytics ROLLBACK")
+    assert run(shell, "%kerbsql analytics SELECT 1")[0].rows == [(1,)]
