@@ -101,6 +101,13 @@ class Session:
         self.connections[name] = conn
         return conn
 
+    def reconfigure(self, settings: Settings) -> None:
+        """New settings: connections to clusters whose definition changed or vanished are closed."""
+        for name in list(self.connections):
+            if settings.clusters.get(name) != self.settings.clusters.get(name):
+                self.discard(name)
+        self.settings = settings
+
     def discard(self, name: str) -> None:
         conn = self.connections.pop(name, None)
         if conn is not None:

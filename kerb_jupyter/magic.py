@@ -35,7 +35,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Bool, Float, Int
 
 from . import audit, db
-from .config import Settings, load_settings
+from .config import Settings, default_config_path, load_settings
 from .errors import KerbJupyterError
 from .query import ConnectionLost, QueryOptions, run_sql
 from .results import ResultSet
@@ -56,6 +56,7 @@ class KerbSqlMagics(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self._settings: Settings | None = None
+        self._stamp: tuple[Any, ...] = ()
         self._session: db.Session | None = None
         self._progress = Progress()
 
@@ -63,8 +64,27 @@ class KerbSqlMagics(Magics):
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            self._settings = load_settings()
-            self._session = db.Session(self._settings)
+            self.refresh_settings()
+        assert self._settings is not None
+        return self._settings
+
+    def refresh_settings(self) -> Settings:
+        """Re-read the shared configuration if its file changed (an admin adds a cluster: no restart).
+
+        Called once per magic call; raises ConfigError for a malformed file."""
+        path = default_config_path()
+        try:
+            st = os.stat(path)
+            stamp: tuple[Any, ...] = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = (str(path), None)
+        if self._settings is None or stamp != self._stamp:
+            settings = load_settings()
+            if self._session is None:
+                self._session = db.Session(settings)
+            else:
+                self._session.reconfigure(settings)
+            self._settings, self._stamp = settings, stamp
         return self._settings
 
     @property
@@ -99,6 +119,7 @@ class KerbSqlMagics(Magics):
             raise UsageError(str(err)) from None
 
     def _kerbsql(self, line: str, cell: str | None, local_ns: dict[str, Any]) -> Any:
+        self.refresh_settings()
         options, line_sql = split_line(line)
         args = _parse(self.kerbsql, options)
         if args.list:
@@ -133,7 +154,7 @@ class KerbSqlMagics(Magics):
         from .status import credential_status
 
         try:
-            return credential_status(self.settings)
+            return credential_status(self.refresh_settings())
         except KerbJupyterError as err:
             raise UsageError(str(err)) from None
 

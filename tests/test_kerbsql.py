@@ -276,3 +276,17 @@ def test_ctrl_c_inside_a_transaction_says_it_is_aborted(shell, capsys):
     assert "SQL error 25P02: current transaction is aborted" in capsys.readouterr().err  # as in psql
     run(shell, "%kerbsql analytics ROLLBACK")
     assert run(shell, "%kerbsql analytics SELECT 1")[0].rows == [(1,)]
+
+
+def test_a_changed_configuration_is_picked_up_without_a_restart(shell, sandbox, tmp_path, capsys):
+    config_path = tmp_path / "kerb_jupyter.json"
+    pid = run(shell, "%kerbsql analytics SELECT pg_backend_pid()")[0].rows[0][0]
+    config = json.loads(config_path.read_text())
+    config["clusters"]["reporting"] = sandbox.cluster_config("finance")
+    config_path.write_text(json.dumps(config))
+    out, _ = run(shell, "%kerbsql reporting SELECT current_database()")
+    assert out.rows == [("finance",)]
+    assert run(shell, "%kerbsql analytics SELECT pg_backend_pid()")[0].rows[0][0] == pid  # unchanged: kept
+    config_path.write_text("{broken")
+    run(shell, "%kerbsql analytics SELECT 1")
+    assert "is not valid JSON" in capsys.readouterr().err
