@@ -28,6 +28,7 @@ def shell(sandbox, tmp_path, monkeypatch):
     clusters = {n: sandbox.cluster_config(n) for n in sandbox.servers}
     clusters["closed"] = {"host": "localhost", "port": free_port(), "dbname": "x", "connect_timeout": 2}
     clusters["untagged"] = {**sandbox.cluster_config("analytics"), "tagging": False}
+    clusters["byip"] = {**sandbox.cluster_config("analytics"), "host": "127.0.0.1"}  # no SPN for that name
     config = write_config(tmp_path / "kerb_jupyter.json", sandbox, clusters=clusters,
                           audit_log=str(tmp_path / "audit" / "audit.jsonl"))
     monkeypatch.setenv("KRB5CCNAME", f"FILE:{cache}")
@@ -63,7 +64,7 @@ def test_line_form_and_list(shell):
     out, _ = run(shell, "%kerbsql finance SELECT $$a{x}$x$$ AS dollar, '{x}' AS braces")
     assert out.rows == [("a{x}$x", "{x}")]  # no IPython variable expansion in SQL
     listing, _ = run(shell, "%kerbsql --list")
-    assert [r[0] for r in listing.rows] == ["analytics", "finance", "closed", "untagged"]
+    assert [r[0] for r in listing.rows] == ["analytics", "finance", "closed", "untagged", "byip"]
 
 
 PARAMS = {
@@ -290,3 +291,10 @@ def test_a_changed_configuration_is_picked_up_without_a_restart(shell, sandbox, 
     config_path.write_text("{broken")
     run(shell, "%kerbsql analytics SELECT 1")
     assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_host_without_a_service_principal_is_explained(shell, capsys):
+    run(shell, "%kerbsql byip SELECT 1")
+    err = capsys.readouterr().err
+    assert "the KDC does not know the service principal postgres/127.0.0.1" in err, err
+    assert "check the host name" in err
