@@ -69,18 +69,22 @@ async def hammer(sandbox, seconds: float, every: float = 0.2) -> tuple[int, list
     return ok, failed
 
 
-def test_connections_keep_working_over_three_lifetimes(sandbox, cache):
+def hammer_while_keeping(sandbox, cache, seconds: float, every: float, **keeper_args):
+    """Run a keeper and open new GSSAPI connections meanwhile; returns (keeper, successes, failures)."""
     async def scenario():
-        keeper = keeper_for(sandbox, cache, lifetime=3, renew_life=3600)
+        keeper = keeper_for(sandbox, cache, **keeper_args)
         keeper.start()
         await until_valid(keeper)
         try:
-            result = await hammer(sandbox, 10)
+            return keeper, *await hammer(sandbox, seconds, every)
         finally:
             await keeper.stop()
-        return keeper, result
 
-    keeper, (ok, failed) = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_connections_keep_working_over_three_lifetimes(sandbox, cache):
+    keeper, ok, failed = hammer_while_keeping(sandbox, cache, 10, 0.2, lifetime=3, renew_life=3600)
     assert failed == [] and ok > 20
     assert keeper.state.renewals >= 3, keeper.state
     assert keeper.state.last_renewal_kind == "renewed"
@@ -174,17 +178,7 @@ def test_rejected_credentials_stop_without_a_retry_storm(sandbox, cache, extra_p
 
 
 def test_renew_until_reached_reacquires_without_a_gap(sandbox, cache):
-    async def scenario():
-        keeper = keeper_for(sandbox, cache, lifetime=2, renew_life=5)
-        keeper.start()
-        await until_valid(keeper)
-        try:
-            result = await hammer(sandbox, 12, every=0.1)
-        finally:
-            await keeper.stop()
-        return keeper, result
-
-    keeper, (ok, failed) = asyncio.run(scenario())
+    keeper, ok, failed = hammer_while_keeping(sandbox, cache, 12, 0.1, lifetime=2, renew_life=5)
     assert failed == [] and ok > 40
     assert keeper.state.acquisitions >= 2 and keeper.state.renewals >= 1, keeper.state
 
