@@ -100,9 +100,11 @@ class KerbJupyterApp(ExtensionApp):
             self.config_error = err
             self.settings_obj = Settings(path=None)
             self.log.error("kerb_jupyter: configuration error: %s", err)
-        # Kernels copy the server's environment when they start: this is how they find the cache.
-        os.environ["KRB5CCNAME"] = f"FILE:{self.settings_obj.cache_path}"
-        os.environ["KERB_JUPYTER_STATE_DIR"] = str(self.settings_obj.state_dir)
+        if self.keeper is not None:
+            # Kernels copy the server's environment when they start: this is how they find the cache.
+            # Only when we keep a ticket: installing the package must not take over anyone's KRB5CCNAME.
+            os.environ["KRB5CCNAME"] = f"FILE:{self.settings_obj.cache_path}"
+            os.environ["KERB_JUPYTER_STATE_DIR"] = str(self.settings_obj.state_dir)
         if self.settings_obj.path is not None:
             os.environ[ENV_CONFIG] = str(self.settings_obj.path)
         if self.keeper is None:

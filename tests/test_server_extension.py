@@ -135,3 +135,17 @@ async def test_one_start_up_line_says_what_it_will_do_and_no_secret(caplog, jp_s
     assert f"principal {sandbox.principal} (configured)" in line
     assert f"ticket from keytab {sandbox.keytab}" in line and "clusters: analytics, finance" in line
     assert sandbox.password_file.read_text() not in log
+
+
+@pytest.mark.parametrize("jp_server_config", [{"ServerApp": {"jpserver_extensions": {"kerb_jupyter": True}}}])
+async def test_installed_but_unconfigured_changes_nothing(monkeypatch, jp_server_config, jp_configurable_serverapp,
+                                                          tmp_path):
+    monkeypatch.setenv("KRB5CCNAME", "FILE:/tmp/krb5cc_someone_elses")
+    monkeypatch.delenv("KERB_JUPYTER_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.jupyter/kerb_jupyter.json either
+    app = jp_configurable_serverapp(config=jp_server_config)
+    from helpers import extension
+
+    ext = extension(app)
+    assert ext.keeper is None and ext.config_error is None
+    assert os.environ["KRB5CCNAME"] == "FILE:/tmp/krb5cc_someone_elses"  # a user's own kinit cache is left alone
