@@ -8,21 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import (
-    CacheError,
-    ConfigError,
-    CredentialsRejectedError,
-    DatabaseError,
-    IdentityError,
-    KdcUnreachableError,
-    KerbJupyterError,
-    NoTicketError,
-    SandboxError,
-    SourceError,
-    TicketError,
-    TicketExpiredError,
-    UnknownClusterError,
-)
+from . import errors as _errors
+from .errors import *  # noqa: F403  # the error tree is the package's public surface
 
 __version__ = "0.1.0"
 
@@ -45,19 +32,4 @@ def unload_ipython_extension(ipython: Any) -> None:
     unload(ipython)
 
 
-__all__ = [
-    "CacheError",
-    "ConfigError",
-    "CredentialsRejectedError",
-    "DatabaseError",
-    "IdentityError",
-    "KdcUnreachableError",
-    "KerbJupyterError",
-    "NoTicketError",
-    "SandboxError",
-    "SourceError",
-    "TicketError",
-    "TicketExpiredError",
-    "UnknownClusterError",
-    "__version__",
-]
+__all__ = [*_errors.__all__, "__version__"]
