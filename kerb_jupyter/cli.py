@@ -14,8 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from .errors import KerbJupyterError
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,10 +94,7 @@ def run_sandbox(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _start_lab(sandbox: object, port: int) -> subprocess.Popen[bytes]:
-    from .sandbox import Sandbox
-
-    assert isinstance(sandbox, Sandbox)
+def _start_lab(sandbox: Sandbox, port: int) -> subprocess.Popen[bytes]:
     notebooks = sandbox.root / "notebooks"
     notebooks.mkdir(exist_ok=True)
     demo = Path(__file__).parent / "sandbox" / "demo.ipynb"

@@ -154,7 +154,7 @@ def _fetch_at_once(
     with conn.cursor(binary=True) as cur:
         cur.execute(sql, params, prepare=False)
         if cur.description is not None:
-            result.columns = [Column(d.name, _type_name(conn, d.type_code)) for d in cur.description]
+            result.columns = _columns(conn, cur.description)
             if limit is None:
                 result.rows = cur.fetchall()
             else:
@@ -178,16 +178,14 @@ def _fetch_streaming(
         stream = cast(Generator[Any, None, None], cur.stream(sql, params, size=min(limit + 1, 1000)))
         try:
             for row in stream:
-                if not result.columns and cur.description is not None:
-                    result.columns = [Column(d.name, _type_name(conn, d.type_code)) for d in cur.description]
+                if not rows:
+                    result.columns = _columns(conn, cur.description)
                 rows.append(row)
                 if len(rows) > limit:
                     break
         finally:
             stream.close()  # cancels the rest on the server, if any
-        if not result.columns and cur.description is not None:
-            result.columns = [Column(d.name, _type_name(conn, d.type_code)) for d in cur.description]
-    if not rows and not result.columns:
+    if not rows:
         # psycopg's stream() drops the description of an empty result: ask the server for it (no execution).
         result.columns = _describe(conn, sql, params)
     result.truncated = len(rows) > limit
@@ -228,7 +226,7 @@ def _fetch_through_server_cursor(
             cur.itersize = limit + 1
             cur.execute(sql, params)
             assert cur.description is not None
-            result.columns = [Column(d.name, _type_name(conn, d.type_code)) for d in cur.description]
+            result.columns = _columns(conn, cur.description)
             rows = cur.fetchmany(limit + 1)
         result.truncated = len(rows) > limit
         result.rows = rows[:limit]
@@ -247,6 +245,10 @@ def cursor_safe(statement: str) -> bool:
         return False
     words = set(code_words(statement))
     return not words & {"INTO", "INSERT", "UPDATE", "DELETE", "MERGE"}
+
+
+def _columns(conn: psycopg.Connection[Any], description: Any) -> list[Column]:
+    return [Column(d.name, _type_name(conn, d.type_code)) for d in description or ()]
 
 
 def _type_name(conn: psycopg.Connection[Any], oid: int) -> str:
