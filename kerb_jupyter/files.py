@@ -139,7 +139,7 @@ def remove_leftovers(directory: Path, prefix: str) -> list[str]:
     """Remove regular files of ours named ``prefix*`` in ``directory`` (what a killed process left behind).
 
     Returns the names removed; symlinks and other users' files are left alone (and never followed)."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(directory))
     except OSError:
