@@ -93,9 +93,7 @@ def write_private(path: Path, data: bytes, what: str = "state directory",
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(name, path)
+        os.replace(name, path)  # atomic: a reader sees the old file or the new one, never a part
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
