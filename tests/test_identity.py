@@ -4,6 +4,7 @@ rules, as tables, including hostile input."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 
 import boto3
@@ -13,6 +14,7 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 from kerb_jupyter import ConfigError, IdentityError
+from kerb_jupyter.config import parse_settings
 from kerb_jupyter.identity import IdentityResolver
 from kerb_jupyter.mapping import map_identity
 
@@ -272,3 +274,30 @@ def test_mapping_with_bad_rules_is_a_config_error():
         map_identity("a@b", {"rules": [{"template": "{nope}@X"}]})
     with pytest.raises(ConfigError, match="has none of"):
         map_identity("a@b", {"rules": [{"something": 1}]})
+
+
+KELVIN, LONG_S, DOTLESS_I = "\u212a", "\u017f", "\u0131"  # look-alikes; tests/test_security.py has the attacks
+
+
+def test_the_lookalikes_are_real_attacks_without_ascii_rules():
+    # What Python does by default, i.e. what made the attack work: each look-alike becomes an ASCII name.
+    assert f"{KELVIN}ate".lower() == "kate" and f"ro{LONG_S}e".upper() == "ROSE"
+    assert f"adm{DOTLESS_I}n".upper() == "ADMIN"
+    assert re.fullmatch(r"(?i)kate", f"{KELVIN}ate") and re.fullmatch(r"\w+", f"{KELVIN}ate")
+
+
+@pytest.mark.parametrize(("rules", "why"), [
+    ([{"table": {f"{KELVIN}ate@example.com": "kate@CORP.TEST"}}], "is not plain ASCII"),
+    ([{"regex": r"(?u)kate", "principal": "kate@CORP.TEST"}], "bad regex"),
+    ([{"template": "{local}@CORP.TEST", "domain": f"{KELVIN}.com"}], "plain ASCII"),
+])
+def test_rules_with_non_ascii_keys_or_unicode_regexes_are_config_errors(rules, why):
+    with pytest.raises(ConfigError, match=why):
+        map_identity("kate@example.com", {"rules": rules})
+
+
+def test_a_non_ascii_principal_in_the_configuration_is_refused():
+    with pytest.raises(ConfigError, match="is not a Kerberos principal"):
+        parse_settings({"principal": f"{KELVIN}ate@CORP.TEST"})
+    with pytest.raises(IdentityError, match="not a valid plain-ASCII user principal"):
+        map_identity("kate", {"rules": [{"template": f"{{local}}@CORP.TES{DOTLESS_I}"}]})

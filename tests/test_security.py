@@ -1,6 +1,5 @@
-"""Attacks from issue 14, run for real: a second OS account planting symlinks and files, look-alike identities
-through every mapping kind, NUL in SQL and values against PostgreSQL, options that undo GSSAPI, bad timeouts and
-a secret fetched with every logger at DEBUG."""
+"""Issue 14's attacks, for real: a second OS account planting links and files, look-alike identities, NUL in SQL
+and values on PostgreSQL, options that undo GSSAPI, bad timeouts, a secret fetched with every logger at DEBUG."""
 
 from __future__ import annotations
 
@@ -8,7 +7,6 @@ import base64
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -239,13 +237,6 @@ def test_a_lookalike_identity_maps_to_nobody(kind, name):
     assert err.value.code == "bad_identity" and "non-ASCII" in str(err.value)
 
 
-def test_the_lookalikes_are_real_attacks_without_ascii_rules():
-    # What Python does by default, i.e. what made the attack work: each look-alike becomes an ASCII name.
-    assert f"{KELVIN}ate".lower() == "kate" and f"ro{LONG_S}e".upper() == "ROSE"
-    assert f"adm{DOTLESS_I}n".upper() == "ADMIN"
-    assert re.fullmatch(r"(?i)kate", f"{KELVIN}ate") and re.fullmatch(r"\w+", f"{KELVIN}ate")
-
-
 @pytest.mark.parametrize("kind", RULE_KINDS)
 def test_the_ascii_names_still_map(kind):
     expected = {"table": "kate@CORP.TEST", "table_exact": "kate@CORP.TEST", "regex_i": "kate@CORP.TEST",
@@ -259,23 +250,6 @@ def test_lookalikes_are_refused_by_every_resolver_that_reads_a_name(monkeypatch,
         IdentityResolver({"order": ["jupyterhub"]}).resolve()
     with pytest.raises(IdentityError, match="non-ASCII"):
         IdentityResolver({"order": ["config"], "user": LOOKALIKES[1], "require_trusted_identity": False}).resolve()
-
-
-@pytest.mark.parametrize(("rules", "why"), [
-    ([{"table": {f"{KELVIN}ate@example.com": "kate@CORP.TEST"}}], "is not plain ASCII"),
-    ([{"regex": r"(?u)kate", "principal": "kate@CORP.TEST"}], "bad regex"),
-    ([{"template": "{local}@CORP.TEST", "domain": f"{KELVIN}.com"}], "plain ASCII"),
-])
-def test_rules_with_non_ascii_keys_or_unicode_regexes_are_config_errors(rules, why):
-    with pytest.raises(ConfigError, match=why):
-        map_identity("kate@example.com", {"rules": rules})
-
-
-def test_a_non_ascii_principal_in_the_configuration_is_refused():
-    with pytest.raises(ConfigError, match="is not a Kerberos principal"):
-        parse_settings({"principal": f"{KELVIN}ate@CORP.TEST"})
-    with pytest.raises(IdentityError, match="not a valid plain-ASCII user principal"):
-        map_identity("kate", {"rules": [{"template": f"{{local}}@CORP.TES{DOTLESS_I}"}]})
 
 
 # -- 4. options that undo the security model -------------------------------------------------------------------
