@@ -376,10 +376,16 @@ def test_the_smallest_timeout_is_a_real_one(shell):
 
 # -- the check and the clusters list show a refused option as that cluster's error (real Jupyter server) --------
 @pytest.fixture
-def jp_server_config(kj_config, sandbox):
+def jp_server_config(kj_config, sandbox, request):
     clusters = {n: sandbox.cluster_config(n) for n in sandbox.servers}
     clusters["loose"] = {**sandbox.cluster_config("analytics"), "options": {"gssencmode": "disable"}}
-    write_config(kj_config, sandbox, clusters=clusters)
+    extra = {}
+    if getattr(request, "param", None) == "loose_state_dir":
+        state = kj_config.parent / "loose"
+        state.mkdir()
+        state.chmod(0o777)
+        extra["state_dir"] = str(state)
+    write_config(kj_config, sandbox, clusters=clusters, **extra)
     return {"ServerApp": {"jpserver_extensions": {"kerb_jupyter": True}},
             "KerbJupyterApp": {"config_file": str(kj_config), "retry_interval": 0.3}}
 
@@ -398,3 +404,12 @@ async def test_check_and_list_name_the_refused_option(jp_serverapp, jp_fetch):
     ok = json.loads((await jp_fetch("kerb-jupyter", "api", "clusters", "analytics", "check", method="POST",
                                     body=b"")).body)
     assert ok["ok"] and ok["gss_authenticated"]
+
+
+@pytest.mark.parametrize("jp_server_config", ["loose_state_dir"], indirect=True)
+async def test_a_loose_state_dir_is_the_keepers_error_on_the_status_api(jp_serverapp, jp_fetch, kj_config):
+    await start_extensions(jp_serverapp)
+    doc = await wait_state(jp_fetch, "error")
+    assert doc["last_error"]["code"] == "unsafe_directory"
+    assert f"{kj_config.parent / 'loose'} is writable by group and others (mode 777)" in doc["last_error"]["message"]
+    assert os.listdir(kj_config.parent / "loose") == []
