@@ -103,14 +103,15 @@ class SecretsManagerSource:
                               "use {user}, {principal} or {realm}") from None
 
     def acquire(self, principal: str, cache: Path, lifetime: int | None, renew_life: int | None) -> TicketInfo:
+        directory = tickets.ensure_private_dir(cache.parent)  # checked before any secret is fetched
+        # Earlier versions wrote the keytab to .keytab.<pid>; a process killed meanwhile left it behind.
+        files.remove_leftovers(directory, ".keytab.")
         name = self.secret_name(principal)
         secret = self._fetch(name)
         if self.secret_kind == "password":
             password = secret if isinstance(secret, bytes) else secret.encode()
             return tickets.acquire_with_password(principal, password, cache, lifetime, renew_life)
         keytab = secret if isinstance(secret, bytes) else _b64(secret, name)
-        # Earlier versions wrote the keytab to .keytab.<pid>; a process killed meanwhile left it behind.
-        files.remove_leftovers(cache.parent, ".keytab.")
         return tickets.acquire_with_keytab_data(principal, keytab, cache, lifetime, renew_life)  # never on disk
 
     def _fetch(self, name: str) -> bytes | str:
