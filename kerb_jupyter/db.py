@@ -19,7 +19,7 @@ import psycopg
 
 from . import tickets
 from .config import ClusterConfig, Settings
-from .errors import DatabaseError, KerbJupyterError, NoTicketError, TicketError, TicketExpiredError
+from .errors import ConfigError, DatabaseError, KerbJupyterError, NoTicketError, TicketError, TicketExpiredError
 from .tagging import application_name
 
 
@@ -119,6 +119,10 @@ class Session:
 
 
 def conninfo(cluster: ClusterConfig, principal: str) -> dict[str, Any]:
+    """libpq parameters for ``cluster``. Raises ConfigError when the cluster's configuration was refused (its
+    ``error``: a forbidden or unknown option), so nothing connects with settings that undo GSSAPI."""
+    if cluster.error:
+        raise ConfigError(f"cluster {cluster.name!r} cannot be used: {cluster.error}")
     params: dict[str, Any] = {
         "host": cluster.host,
         "port": cluster.port,
@@ -131,7 +135,8 @@ def conninfo(cluster: ClusterConfig, principal: str) -> dict[str, Any]:
         "require_auth": "gss",  # never fall back to a password prompt
         "application_name": application_name(principal) if cluster.tagging else "kerb_jupyter",
     }
-    params.update(cluster.options)
+    # Options never override the keys above (the configuration refuses them; this keeps it true for any caller).
+    params.update({k: v for k, v in cluster.options.items() if k not in params})
     return params
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import tickets
+from . import files, tickets
 from .errors import (
     CacheError,
     ConfigError,
@@ -231,12 +230,13 @@ class TicketKeeper:
         self.state.updated_at = self.clock()
         if self.state_file is None:
             return
-        tickets.ensure_private_dir(self.state_file.parent)
-        tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.state.as_dict(), f)
-        os.replace(tmp, self.state_file)
+        # A fresh 0600 file under an unpredictable name in the checked state directory, renamed into place. The
+        # snapshot is a copy for kernels: failing to write it is logged, never fatal (the state says why anyway).
+        try:
+            files.write_private(self.state_file, json.dumps(self.state.as_dict()).encode())
+        except (KerbJupyterError, OSError) as err:
+            log.warning("kerb_jupyter: cannot write the state file %s: %s", self.state_file,
+                        err if isinstance(err, KerbJupyterError) else err.strerror)
 
     # -- the loop -------------------------------------------------------------------------------------
     def start(self) -> None:

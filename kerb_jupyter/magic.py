@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import html
+import math
 import os
 import threading
 import time
@@ -40,6 +41,18 @@ from .errors import KerbJupyterError
 from .query import ConnectionLost, QueryOptions, run_sql
 from .results import ResultSet
 from .tagging import build_comment
+
+
+def parse_timeout(text: str) -> float:
+    """``--timeout``: a finite number of seconds >= 0.001 (PostgreSQL counts milliseconds; 0 would mean none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--timeout must be a number of seconds, not {text!r:.40}") from None
+    if not math.isfinite(value) or value < 0.001:
+        raise argparse.ArgumentTypeError(f"--timeout must be a finite number of seconds, at least 0.001 (1 ms), "
+                                         f"not {text!r:.40}")
+    return value
 
 
 @magics_class
@@ -102,7 +115,8 @@ class KerbSqlMagics(Magics):
     @argument("cluster", nargs="?", help="name of a configured cluster")
     @argument("-o", "--out", metavar="VAR", help="store the result (all rows) in this variable")
     @argument("--limit", type=int, metavar="N", help="fetch at most N rows")
-    @argument("--timeout", type=float, metavar="SECONDS", help="statement_timeout for this cell")
+    @argument("--timeout", type=parse_timeout, metavar="SECONDS",
+              help="statement_timeout for this cell (finite, at least 0.001 s)")
     @argument("--dataframe", action="store_true", help="return a pandas DataFrame (all rows)")
     @argument("--quiet", action="store_true", help="show nothing (use with -o)")
     @argument("--list", action="store_true", help="list the configured clusters")

@@ -16,7 +16,7 @@ from psycopg import sql as pgsql
 
 from .errors import ConfigError, DatabaseError
 from .results import Column, ResultSet
-from .sqlparse import bind_names, code_words, first_keyword, split_statements
+from .sqlparse import bind_names, code_words, first_keyword, refuse_nul_values, split_statements
 from .tagging import tag_statement
 
 CURSOR_NAME = "kerbsql"
@@ -120,7 +120,9 @@ def _bind(step: Step, namespace: Mapping[str, Any]) -> dict[str, Any] | None:
         raise ConfigError(
             f"the query uses :{missing[0]} but there is no variable named {missing[0]!r} in the notebook"
         )
-    return {n: namespace[n] for n in step.names}
+    values = {n: namespace[n] for n in step.names}
+    refuse_nul_values(values)  # libpq/PostgreSQL text cannot hold NUL: refuse before anything is sent
+    return values
 
 
 def _run_one(
