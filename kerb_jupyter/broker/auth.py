@@ -143,8 +143,8 @@ def parse_caller(status: int, xml_body: bytes) -> Caller:
     if status != 200:
         code = "?"
         try:
-            found = ET.fromstring(xml_body).find(f".//{_NS}Code")  # noqa: S314 - our own STS endpoint
-            code = found.text or "?" if found is not None else "?"
+            root = ET.fromstring(xml_body)  # noqa: S314 - our own STS endpoint
+            code = next((e.text or "?" for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Code"), "?")
         except ET.ParseError:
             pass
         raise AuthError(f"STS refused the signed request: HTTP {status} {code[:60]}", code="sts_refused")
