@@ -175,6 +175,10 @@ class Broker:
         except Refused as err:
             self._audit(record, "refused", err.reason, err.detail)
             raise
+        except Exception as err:  # a bug must still leave its audit record, and never a traceback to the caller
+            log.exception("broker: request %s failed unexpectedly", request_id)
+            self._audit(record, "refused", "internal_error", type(err).__name__)
+            raise Refused(500, "internal_error", type(err).__name__) from None
         self._audit(record, "issued", "ok", "")
         return answer
 
