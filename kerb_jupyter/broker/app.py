@@ -264,6 +264,7 @@ def run(config_path: str) -> None:
 
     from .settings import load_broker_settings
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_broker_settings(config_path)
 
     async def main() -> None:
