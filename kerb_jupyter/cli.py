@@ -41,8 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     kc.add_argument("--kdc", action="append", required=True, help="a domain controller host[:port]; repeat")
     kc.add_argument("--domain", action="append", default=[], help="DNS domain mapped to the realm; repeat "
                     "(default: the realm in lower case; .rds.amazonaws.com is always mapped, for Aurora)")
+    bk = sub.add_parser("broker", help="run the credential broker (S4U tickets for AWS-verified callers)")
+    bk.add_argument("--config", required=True, help="the broker's JSON configuration (see the README)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "broker":
+            from .broker.app import run as run_broker
+
+            run_broker(args.config)
+            return 0
         if args.command == "sandbox":
             return run_sandbox(args)
         if args.command == "krb5-conf":
