@@ -175,6 +175,10 @@ class Broker:
         except Refused as err:
             self._audit(record, "refused", err.reason, err.detail)
             raise
+        except Exception as err:  # a bug must still leave its audit record, and never a traceback to the caller
+            log.exception("broker: request %s failed unexpectedly", request_id)
+            self._audit(record, "refused", "internal_error", type(err).__name__)
+            raise Refused(500, "internal_error", type(err).__name__) from None
         self._audit(record, "issued", "ok", "")
         return answer
 
@@ -260,6 +264,7 @@ def run(config_path: str) -> None:
 
     from .settings import load_broker_settings
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_broker_settings(config_path)
 
     async def main() -> None:

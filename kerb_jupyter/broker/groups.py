@@ -93,8 +93,9 @@ class GroupDirectory:
         password = s.password_file.read_text().strip() if s.password_file else None
         tls = ldap3.Tls(ca_certs_file=str(s.ca_bundle)) if s.ca_bundle else None
         try:
-            server = ldap3.Server(s.url, connect_timeout=s.timeout, tls=tls)
-            with ldap3.Connection(server, user=s.bind_dn, password=password, receive_timeout=s.timeout,
+            # ldap3 packs socket timeouts as integers (SO_RCVTIMEO): whole seconds only.
+            server = ldap3.Server(s.url, connect_timeout=max(int(s.timeout), 1), tls=tls)
+            with ldap3.Connection(server, user=s.bind_dn, password=password, receive_timeout=max(int(s.timeout), 1),
                                   auto_bind=True, read_only=True) as conn:
                 conn.search(s.base, query, attributes=["memberOf"], size_limit=2)
                 entries = list(conn.entries)

@@ -20,6 +20,7 @@ import krb5
 from gssapi.raw.misc import GSSError
 
 from ..errors import CredentialsRejectedError, IdentityError, KdcUnreachableError, TicketError
+from ..tickets import KDC_UNREACHABLE
 
 
 class DelegationRefused(TicketError):
@@ -42,6 +43,7 @@ class Issuer:
     def __init__(self, service_principal: str, keytab: Path) -> None:
         self.service_principal = service_principal
         self.keytab = Path(keytab)
+        self._life = 10 * 3600  # lowered to the KDC's maximum the first time the KDC grants less
         self._counter = 0
         self._lock = threading.Lock()
 
@@ -58,13 +60,14 @@ class Issuer:
             name = f"MEMORY:kerb-jupyter-broker-{os.getpid()}-{self._counter}"
         ctx = krb5.init_context()
         cc = krb5.cc_resolve(ctx, name.encode())
+        user_cc = krb5.cc_resolve(ctx, (name + "-user").encode())
         timings: dict[str, float] = {}
         try:
             t0 = time.perf_counter()
+            lifetime = min(lifetime, self._own_tgt(ctx, cc))
             svc = self._gss(lambda: gssapi.Credentials(
                 name=gssapi.Name(self.service_principal, gssapi.NameType.kerberos_principal), usage="initiate",
-                store={b"ccache": name.encode(), b"client_keytab": str(self.keytab).encode()}),
-                "the broker's own ticket")
+                store={b"ccache": name.encode()}), "the broker's own ticket")
             user = gssapi.Name(principal, gssapi.NameType.kerberos_principal)
             imp = self._gss(lambda: svc.impersonate(user, usage="initiate"), f"acting for {principal}")
             timings["s4u2self"] = time.perf_counter() - t0
@@ -74,12 +77,46 @@ class Issuer:
                 self._gss(lambda t=target: gssapi.SecurityContext(
                     name=t, creds=imp, usage="initiate", lifetime=lifetime).step(), f"a ticket for {cluster} ({spn})")
                 timings[f"proxy:{cluster}"] = time.perf_counter() - t1
-            return self._export(ctx, cc, principal, clusters, timings)
+            # MIT keeps the proxy tickets with the impersonated credential: store it to read them back.
+            imp.store(store={b"ccache": (name + "-user").encode()}, overwrite=True)
+            return self._export(ctx, [cc, user_cc], principal, clusters, timings)
         finally:
-            try:
-                krb5.cc_destroy(ctx, cc)
-            except krb5.Krb5Error:
-                pass
+            for c in (cc, user_cc):
+                try:
+                    krb5.cc_destroy(ctx, c)
+                except krb5.Krb5Error:
+                    pass
+
+    def _own_tgt(self, ctx: krb5.Context, cc: krb5.CCache) -> int:
+        """The broker's TGT, NOT renewable, into ``cc``; returns its lifetime in seconds.
+
+        The KDC copies a TGT's renewable flag into every ticket got with it: proxy tickets from a renewable TGT
+        could be renewed for days by whoever holds them, past the policy's cap. MIT clients ask for
+        RENEWABLE_OK, which turns a request longer than the KDC allows into a renewable ticket: so ask again
+        for no more than the KDC granted, and remember that.
+        """
+        try:
+            client = krb5.parse_name_flags(ctx, self.service_principal.encode())
+            keytab = krb5.kt_resolve(ctx, f"FILE:{self.keytab}".encode())
+            for _ in range(2):
+                opt = krb5.get_init_creds_opt_alloc(ctx)
+                krb5.get_init_creds_opt_set_renew_life(opt, 0)
+                krb5.get_init_creds_opt_set_tkt_life(opt, self._life)
+                krb5.get_init_creds_opt_set_forwardable(opt, True)
+                creds = krb5.get_init_creds_keytab(ctx, client, opt, keytab=keytab)
+                life = creds.times.endtime - (creds.times.starttime or creds.times.authtime)
+                if not creds.ticket_flags & krb5.TicketFlags.renewable:
+                    break
+                self._life = max(life - 5, 60)
+            else:
+                raise TicketError("the KDC gives the broker only renewable tickets", code="renewable_tgt")
+            krb5.cc_initialize(ctx, cc, creds.client)
+            krb5.cc_store_cred(ctx, cc, creds)
+        except krb5.Krb5Error as err:
+            if err.err_code in KDC_UNREACHABLE:
+                raise KdcUnreachableError("the broker's own ticket: the broker cannot reach the KDC") from None
+            raise CredentialsRejectedError(f"the broker's own ticket from {self.keytab}: {err}") from None
+        return int(life)
 
     def _gss(self, call: object, what: str) -> gssapi.Credentials:
         try:
@@ -87,11 +124,11 @@ class Issuer:
         except GSSError as err:
             raise classify(err, what) from None
 
-    def _export(self, ctx: krb5.Context, cc: krb5.CCache, principal: str, clusters: dict[str, str],
+    def _export(self, ctx: krb5.Context, caches: list[krb5.CCache], principal: str, clusters: dict[str, str],
                 timings: dict[str, float]) -> Issued:
         wanted = {spn_key(spn): (name, spn) for name, spn in clusters.items()}
         found: dict[str, tuple[str, bytes, int]] = {}
-        for creds in cc:
+        for creds in (c for cc in caches for c in cc):
             client = creds.client.name.decode() if creds.client.name else ""
             server = creds.server.name.decode() if creds.server.name else ""
             hit = wanted.get(spn_key(server))
