@@ -23,6 +23,7 @@ from kerb_jupyter.broker.app import Broker, Refused
 from kerb_jupyter.broker.audit import read_records
 from kerb_jupyter.broker.auth import AUDIENCE_HEADER, NONCE_HEADER, sign_request
 from kerb_jupyter.broker.settings import load_broker_settings
+from kerb_jupyter.broker.store import StoreUnavailable
 from kerb_jupyter.brokersource import build_broker_source
 from kerb_jupyter.sandbox.broker import AUDIENCE, BrokerSandbox
 from kerb_jupyter.sandbox.sts import REGION, SSO_ROLE
@@ -216,3 +217,125 @@ def test_the_notebook_source_reports_refusals_plainly(bsb: BrokerSandbox, tmp_pa
         src.acquire(None, tmp_path / "cc", None, None)
     assert "request id" in str(err.value) and "no_group" not in str(err.value)  # the reason stays in the broker
     assert not (tmp_path / "cc").exists()
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def _variant(bsb: BrokerSandbox, tmp_path: Path, **changes: Any) -> Path:
+    doc = json.loads(bsb.broker_config.read_text())
+    doc["audit_log"] = str(tmp_path / "audit.jsonl")
+    for key, value in changes.items():
+        doc[key] = {**doc.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "broker.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_tls_with_the_notebook_checking_the_broker_against_its_ca_bundle(bsb: BrokerSandbox,
+                                                                        tmp_path: Path) -> None:
+    from kerb_jupyter.errors import KdcUnreachableError
+    from kerb_jupyter.sandbox.procs import free_port
+
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    path = _variant(bsb, tmp_path, listen={"port": port, "tls_cert": str(cert), "tls_key": str(key)})
+    spec = {"type": "broker", "url": f"https://localhost:{port}", "audience": AUDIENCE, "region": REGION,
+            "sts_url": bsb.sts.url + "/"}
+
+    async def run() -> tuple[str, str]:
+        broker = Broker(load_broker_settings(path))
+        server = broker.listen()
+        try:
+            src = build_broker_source({**spec, "ca_bundle": str(cert)})
+            src.credentials = lambda: creds(bsb)
+            info = await asyncio.to_thread(src.acquire, None, tmp_path / "state" / "krb5cc", None, None)
+            untrusting = build_broker_source(spec)  # the system CAs do not know this certificate
+            untrusting.credentials = lambda: creds(bsb)
+            try:
+                await asyncio.to_thread(untrusting.acquire, None, tmp_path / "other" / "krb5cc", None, None)
+                refused = "accepted"
+            except KdcUnreachableError as err:
+                refused = str(err)
+            return info.principal, refused
+        finally:
+            server.stop()
+            await broker.close()
+
+    principal, refused = asyncio.run(run())
+    assert principal == bsb.principal
+    assert "CERTIFICATE_VERIFY_FAILED" in refused
+
+
+def test_a_silent_sts_times_out_into_a_503(bsb: BrokerSandbox, tmp_path: Path) -> None:
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections, never answers
+    try:
+        host = f"127.0.0.1:{bsb.sts.port}"  # what the notebook signs stays the same
+        path = _variant(bsb, tmp_path, sts={"endpoint": f"http://127.0.0.1:{silent.getsockname()[1]}/",
+                                            "host": host, "timeout": 1})
+        broker = Broker(load_broker_settings(path))
+        with pytest.raises(Refused) as err:
+            asyncio.run(broker.handle(json.dumps(payload(bsb, creds(bsb))).encode(), "127.0.0.1", "slow"))
+    finally:
+        silent.close()
+    assert err.value.status == 503 and err.value.reason == "sts_unavailable"
+    assert read_records(tmp_path / "audit.jsonl")[0]["reason"] == "sts_unavailable"
+
+
+class DownStore:
+    """A store whose backend is unreachable (the Store protocol is the broker's injection seam)."""
+
+    async def first_use(self, key: str, ttl: float) -> bool:
+        raise StoreUnavailable("the store is down")
+
+    async def hit(self, key: str, limit: int, window: float) -> bool:
+        raise StoreUnavailable("the store is down")
+
+    async def get(self, key: str) -> str | None:
+        raise StoreUnavailable("the store is down")
+
+    async def put(self, key: str, value: str, ttl: float) -> None:
+        raise StoreUnavailable("the store is down")
+
+    async def ping(self) -> None:
+        raise StoreUnavailable("the store is down")
+
+    async def close(self) -> None:
+        return None
+
+
+def test_a_store_outage_fails_closed_with_503(bsb: BrokerSandbox, tmp_path: Path) -> None:
+    broker = Broker(load_broker_settings(_variant(bsb, tmp_path)), store=DownStore())
+    with pytest.raises(Refused) as err:
+        asyncio.run(broker.handle(json.dumps(payload(bsb, creds(bsb))).encode(), "127.0.0.1", "down"))
+    assert err.value.status == 503 and err.value.reason == "store_unavailable"
+    assert read_records(tmp_path / "audit.jsonl")[0]["reason"] == "store_unavailable"

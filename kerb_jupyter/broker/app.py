@@ -109,7 +109,7 @@ class Broker:
                 self.settings.sts_endpoint, method="POST", headers=headers, body=req.body,
                 request_timeout=self.settings.sts_timeout, connect_timeout=self.settings.sts_timeout,
                 follow_redirects=False), raise_error=False)
-        except OSError as err:
+        except (OSError, tornado.httpclient.HTTPClientError) as err:  # refused, reset, timed out
             raise Refused(503, "sts_unavailable", f"cannot reach STS: {type(err).__name__}",
                           public="the broker cannot reach AWS STS") from None
         if resp.code == 599:
