@@ -9,7 +9,8 @@ the broker as its own process) and measures:
 2. One caller, sequential requests over HTTP: the whole ``POST /v1/credentials`` (checks, STS, policy, LDAP
    groups from the store's cache, S4U, audit), requests signed beforehand so signing is not counted; and moto's
    GetCallerIdentity alone, the part that real STS would replace.
-3. ``--concurrent`` callers at once against the one broker process: median and p99 per request.
+3. ``--concurrent`` callers at once: issuing alone (threads, as the service runs it), and whole requests against
+   the one broker process (moto, a Python server, then takes most of the time).
 Prints a Markdown table and writes benchmarks/results/broker-latest.json.
 """
 
@@ -87,6 +88,23 @@ def bench_sts(sb: BrokerSandbox, runs: int) -> list[float]:
     return times
 
 
+async def bench_issue_concurrent(sb: BrokerSandbox, requests: int, callers: int) -> list[float]:
+    """The broker's own work only (S4U on threads, as the service runs it), ``callers`` at once."""
+    issuer = Issuer(sb.realm.principal("broker/localhost"), sb.broker_keytab)
+    clusters = {name: sb.spn(name) for name in sb.servers}
+    semaphore = asyncio.Semaphore(callers)
+    times: list[float] = []
+
+    async def one() -> None:
+        async with semaphore:
+            t0 = time.perf_counter()
+            await asyncio.to_thread(issuer.issue, sb.principal, clusters, 3600)
+            times.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(one() for _ in range(requests)))
+    return times
+
+
 async def bench_concurrent(url: str, bodies: list[bytes], callers: int) -> tuple[list[float], float]:
     from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
@@ -127,6 +145,7 @@ def main() -> int:
             sb.start_broker()
             url = sb.broker_url + "/v1/credentials"
             issue = bench_issue(sb, args.runs)
+            issue_conc = asyncio.run(bench_issue_concurrent(sb, args.requests, args.concurrent))
             sts = bench_sts(sb, args.runs)
             post(url, signed_payloads(sb, 1)[0])  # warm: LDAP groups into the store's cache
             sequential = [post(url, body) for body in signed_payloads(sb, args.runs)]
@@ -137,7 +156,9 @@ def main() -> int:
     rows = [("issue, in process: total (own TGT + S4U2Self + 2 x S4U2Proxy)", ms(issue["total"])),
             ("  own TGT + S4U2Self", ms(issue["s4u2self"]))]
     rows += [(f"  S4U2Proxy {k.split(':', 1)[1]}", ms(v)) for k, v in issue.items() if k.startswith("proxy:")]
-    rows += [("moto GetCallerIdentity alone (stands in for STS)", ms(sts)),
+    rows += [(f"issue, in process, {args.concurrent} at once on threads, median", ms(issue_conc)),
+             (f"issue, in process, {args.concurrent} at once on threads, p99", f"{p99(issue_conc) * 1000:.2f} ms"),
+             ("moto GetCallerIdentity alone (stands in for STS)", ms(sts)),
              ("POST /v1/credentials, one caller, median", ms(sequential)),
              ("POST /v1/credentials, one caller, p99", f"{p99(sequential) * 1000:.2f} ms"),
              (f"POST /v1/credentials, {args.concurrent} callers, median", ms(concurrent)),
