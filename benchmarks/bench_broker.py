@@ -88,6 +88,17 @@ def bench_sts(sb: BrokerSandbox, runs: int) -> list[float]:
     return times
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemons(sb: BrokerSandbox) -> dict[str, int]:
+    procs = {"broker": sb.broker_proc, "krb5kdc": sb.realm.proc, "slapd": sb.realm.slapd.proc, "moto": sb.sts.proc}
+    return {name: p.pid for name, p in procs.items() if p is not None}
+
+
 async def bench_issue_concurrent(sb: BrokerSandbox, requests: int, callers: int) -> list[float]:
     """The broker's own work only (S4U on threads, as the service runs it), ``callers`` at once."""
     issuer = Issuer(sb.realm.principal("broker/localhost"), sb.broker_keytab)
@@ -150,7 +161,10 @@ def main() -> int:
             post(url, signed_payloads(sb, 1)[0])  # warm: LDAP groups into the store's cache
             sequential = [post(url, body) for body in signed_payloads(sb, args.runs)]
             bodies = signed_payloads(sb, args.requests)
+            pids = daemons(sb)
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             concurrent, wall = asyncio.run(bench_concurrent(url, bodies, args.concurrent))
+            cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
         finally:
             sb.stop()
     rows = [("issue, in process: total (own TGT + S4U2Self + 2 x S4U2Proxy)", ms(issue["total"])),
@@ -164,6 +178,8 @@ def main() -> int:
              (f"POST /v1/credentials, {args.concurrent} callers, median", ms(concurrent)),
              (f"POST /v1/credentials, {args.concurrent} callers, p99", f"{p99(concurrent) * 1000:.2f} ms"),
              (f"throughput with {args.concurrent} callers", f"{len(concurrent) / wall:.0f} requests/s")]
+    rows += [(f"  CPU per request during that run: {name}", f"{seconds / len(concurrent) * 1000:.2f} ms")
+             for name, seconds in cpu.items()]
     print("| measurement | value |\n|---|---:|")
     for name, value in rows:
         print(f"| {name} | {value} |")

@@ -85,7 +85,7 @@ def parse_payload(doc: Any, max_bytes: int = 8192) -> SignedRequest:
     for name, value in doc["headers"].items():
         if not isinstance(name, str) or not isinstance(value, str) or len(value) > max_bytes:
             raise AuthError("header names and values must be strings", code="malformed")
-        if any(ord(c) < 32 or ord(c) > 126 for c in name + value):
+        if not (name + value).isascii() or not (name + value).isprintable():
             raise AuthError("header names and values must be printable ASCII", code="malformed")
         if name.lower() in headers:
             raise AuthError(f"header {name[:40]!r} appears twice", code="malformed")
