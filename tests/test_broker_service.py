@@ -339,3 +339,15 @@ def test_a_store_outage_fails_closed_with_503(bsb: BrokerSandbox, tmp_path: Path
         asyncio.run(broker.handle(json.dumps(payload(bsb, creds(bsb))).encode(), "127.0.0.1", "down"))
     assert err.value.status == 503 and err.value.reason == "store_unavailable"
     assert read_records(tmp_path / "audit.jsonl")[0]["reason"] == "store_unavailable"
+
+
+def test_a_directory_outage_is_a_503_not_no_groups(bsb: BrokerSandbox, tmp_path: Path) -> None:
+    from kerb_jupyter.sandbox.procs import free_port
+
+    path = _variant(bsb, tmp_path, ldap={"url": f"ldap://127.0.0.1:{free_port()}", "timeout": 1})
+    broker = Broker(load_broker_settings(path))
+    with pytest.raises(Refused) as err:
+        asyncio.run(broker.handle(json.dumps(payload(bsb, creds(bsb))).encode(), "127.0.0.1", "no-ldap"))
+    assert err.value.status == 503 and err.value.reason == "ldap_unavailable"
+    record = read_records(tmp_path / "audit.jsonl")[0]
+    assert record["reason"] == "ldap_unavailable" and record["caller_arn"].endswith("/alice")
