@@ -130,6 +130,11 @@ def test_wrong_action_is_refused(sts: MotoSts, alice: Credentials) -> None:
     assert _code(payload, sts) == "wrong_action"
     payload = signed(alice, "Action=GetCallerIdentity&Version=2011-06-15&Extra=1", headers, sts.url + "/")
     assert _code(payload, sts) == "wrong_action"
+    payload = signed(alice, "Action=GetCallerIdentity&Action=GetSessionToken&Version=2011-06-15", headers,
+                     sts.url + "/")
+    assert _code(payload, sts) == "wrong_action"
+    payload = signed(alice, "Version=2011-06-15&Action=GetCallerIdentity", headers, sts.url + "/")
+    check_request(parse_payload(payload), audience=AUD, sts_host=host(sts))  # order does not matter
 
 
 def test_audience_and_nonce_must_be_signed(sts: MotoSts, alice: Credentials) -> None:

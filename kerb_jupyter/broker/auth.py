@@ -102,7 +102,7 @@ def check_request(req: SignedRequest, *, audience: str, sts_host: str, now: floa
     unexpected = sorted(set(req.headers) - ALLOWED_HEADERS)
     if unexpected:
         raise AuthError(f"unexpected header(s) {', '.join(h[:40] for h in unexpected[:5])}", code="bad_header")
-    if dict(parse_qsl(req.body, keep_blank_values=True)) != dict(parse_qsl(STS_BODY)) or len(req.body) > 200:
+    if sorted(parse_qsl(req.body, keep_blank_values=True)) != sorted(parse_qsl(STS_BODY)) or len(req.body) > 200:
         raise AuthError(f"the signed request is not sts:GetCallerIdentity ({req.body[:60]!r})", code="wrong_action")
     m = _AUTH.match(req.headers.get("authorization", ""))
     if not m:
