@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,21 @@ def test_read_cache_refuses_an_empty_service_cache(tmp_path: Path) -> None:
     path.chmod(0o600)
     with pytest.raises(TicketError, match="no ticket-granting ticket"):
         tickets.read_cache(path)
+
+
+def test_the_keeper_asks_the_broker_again_before_the_tickets_expire(notebook: BrokerSandbox) -> None:
+    settings = load_settings(notebook.config_file)
+    source = build_source(settings.source)
+    now = [0.0]
+    keeper = TicketKeeper(notebook.principal, source, settings.cache_path, settings.state_path,
+                          clock=lambda: now[0] or time.time())
+    keeper.step()
+    first = tickets.read_cache(settings.cache_path)
+    assert keeper.state.acquisitions == 1 and keeper.state.granted and not first.renewable
+    now[0] = first.starttime + 0.5 * (first.endtime - first.starttime)
+    keeper.step()
+    assert keeper.state.acquisitions == 1  # not due yet
+    now[0] = first.starttime + 0.9 * (first.endtime - first.starttime)
+    keeper.step()
+    assert keeper.state.acquisitions == 2 and keeper.state.last_renewal_kind == "reacquired"
+    assert keeper.state.renewals == 0  # a broker cache is never renewed, always fetched again
