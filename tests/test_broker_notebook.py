@@ -10,11 +10,14 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from helpers import KernelSession, start_extensions, wait_keeper
+from openapi_schema_validator import OAS30Validator
 
 from kerb_jupyter import tickets
 from kerb_jupyter.config import load_settings
@@ -108,6 +111,8 @@ async def test_kerbsql_as_alice_on_two_clusters_with_no_secret_of_hers(
         assert kernel.run("print(list(r.rows[0]))").stdout.strip() == \
             f"['{notebook.principal}', True, '{cluster}']"
     status = json.loads((await jp_fetch("kerb-jupyter", "api", "status")).body)
+    spec = yaml.safe_load(files("kerb_jupyter").joinpath("openapi.yaml").read_text())
+    OAS30Validator({"$ref": "#/components/schemas/Status", "components": spec["components"]}).validate(status)
     assert status["source"] == f"broker {notebook.broker_url}" and status["principal"] == notebook.principal
     assert set(status["granted"]) == {notebook.spn("analytics"), notebook.spn("finance")}
     assert status["identity"]["source"] == "broker" and status["identity"]["trusted"] is True
