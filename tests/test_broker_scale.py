@@ -3,6 +3,7 @@ outage makes both refuse with 503 (audited, logged once), and they issue again w
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import shutil
@@ -109,11 +110,11 @@ def scale(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerSand
         sb.stop()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_store(scale: tuple[BrokerSandbox, RedisServer, list[BrokerProcess]]) -> None:
-    _sb, srv, _brokers = scale
-    if srv.running:
-        redis.Redis.from_url(srv.url).flushdb()
+@pytest.fixture
+def fresh(scale: tuple[BrokerSandbox, RedisServer, list[BrokerProcess]]) -> tuple[Any, ...]:
+    """The shared brokers with an empty store (no replay records or counters from other tests)."""
+    redis.Redis.from_url(scale[1].url).flushdb()
+    return scale
 
 
 def signed(sb: BrokerSandbox, session: str = "alice") -> dict[str, Any]:
@@ -124,8 +125,8 @@ def signed(sb: BrokerSandbox, session: str = "alice") -> dict[str, Any]:
     return sign_request(creds, REGION, sb.sts.url + "/", AUDIENCE)
 
 
-def test_a_request_used_at_one_broker_is_refused_at_the_other(scale):
-    sb, _srv, (a, b) = scale
+def test_a_request_used_at_one_broker_is_refused_at_the_other(fresh):
+    sb, _srv, (a, b) = fresh
     p = signed(sb)
     code, body = a.post(p)
     assert code == 200, body
@@ -135,8 +136,8 @@ def test_a_request_used_at_one_broker_is_refused_at_the_other(scale):
     assert b.audited(body["request_id"])["reason"] == "replay"
 
 
-def test_a_per_principal_limit_holds_across_both_brokers(scale):
-    sb, _srv, (a, b) = scale
+def test_a_per_principal_limit_holds_across_both_brokers(fresh):
+    sb, _srv, (a, b) = fresh
     answers = [(broker, *broker.post(signed(sb))) for broker in (a, b, a, b, a, b)]
     codes = [code for _broker, code, _body in answers]
     assert codes == [200] * PER_PRINCIPAL + [429, 429], codes
@@ -144,8 +145,8 @@ def test_a_per_principal_limit_holds_across_both_brokers(scale):
         assert broker.audited(body["request_id"])["reason"] == "rate_limited_principal"
 
 
-def test_redis_down_means_503_audited_and_back_means_issuing_again(scale):
-    sb, srv, brokers = scale
+def test_redis_down_means_503_audited_and_back_means_issuing_again(fresh):
+    sb, srv, brokers = fresh
     srv.stop()
     try:
         for broker in brokers:
@@ -166,3 +167,34 @@ def test_redis_down_means_503_audited_and_back_means_issuing_again(scale):
         assert code == 200, body
         assert broker.audited(body["request_id"])["decision"] == "issued"
         assert sum("is back" in line for line in broker.log_file.read_text().splitlines()) == 1
+
+
+UNIT = Path(__file__).resolve().parent.parent / "kerb_jupyter" / "broker" / "kerb-jupyter-broker.service"
+
+
+def test_the_systemd_unit_is_hardened():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(UNIT.read_text())
+    service = unit["Service"]
+    expected = {"NoNewPrivileges": "yes", "PrivateTmp": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+                "CapabilityBoundingSet": "", "UMask": "0077", "User": "kerb-jupyter-broker"}
+    assert {k: service.get(k) for k in expected} == expected
+    assert service["LoadCredential"].startswith("broker.keytab:")  # the keytab reaches only this service
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # SIGHUP reloads the policy
+    assert service["ExecStart"].endswith("broker --config /etc/kerb-jupyter/broker.json")
+
+
+def test_systemd_analyze_verifies_the_unit(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd): the unit is only parsed")
+    exe = Path(sys.executable).with_name("kerb-jupyter")  # verify checks that ExecStart exists
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/opt/kerb-jupyter/bin/kerb-jupyter", str(exe)))
+    res = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True)
+    assert res.returncode == 0 and not (res.stdout + res.stderr).strip(), res.stdout + res.stderr
+    # exposure on systemd's 0-100 scale (shown as 0.0-10.0): 20 = "2.0 OK"
+    sec = subprocess.run([analyze, "security", "--offline=true", "--threshold=20", str(unit)], capture_output=True,
+                         text=True)
+    assert sec.returncode == 0, sec.stdout[-2000:] + sec.stderr
