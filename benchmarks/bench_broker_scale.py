@@ -70,6 +70,17 @@ class Brokers:
                 self.stop()
                 raise SystemExit(f"broker {i} did not start: {tail((d / 'broker.log').read_text())}")
             self.urls.append(f"http://127.0.0.1:{port}/v1/credentials")
+        self.logs = [root / f"broker-{n}-{i}" / "broker.log" for i in range(n)]
+
+    def problems(self, limit: int = 8) -> list[str]:
+        """Distinct ERROR lines and exception lines from the brokers' logs (timestamps cut), for the report."""
+        seen: dict[str, int] = {}
+        for log in self.logs:
+            for line in log.read_text(errors="replace").splitlines():
+                if " ERROR " in line or line.startswith(("Traceback", "  File")) or "Error:" in line:
+                    key = line.split(" ", 2)[-1][:240]
+                    seen[key] = seen.get(key, 0) + 1
+        return [f"{n}x {line}" for line, n in sorted(seen.items(), key=lambda kv: -kv[1])[:limit]]
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -182,6 +193,7 @@ def main() -> None:
                     cpu["brokers"] = round(sum(cpu_seconds(p.pid) for p in brokers.procs), 1)
                     cpu["load generator"] = round(sum(os.times()[:2]) - sum(own[:2]), 1)
                     result["cpu_seconds"] = cpu
+                    result["log_problems"] = brokers.problems()
                 finally:
                     brokers.stop()
                 results.append(result)
