@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,8 @@ class Issuer:
         self.service_principal = service_principal
         self.keytab = Path(keytab)
         self._life = 10 * 3600  # lowered to the KDC's maximum the first time the KDC grants less
+        self._tgt: krb5.Creds | None = None  # the broker's own TGT, reused for a tenth of its life
+        self._tgt_lock = threading.Lock()
         self._counter = 0
         self._lock = threading.Lock()
 
@@ -53,8 +56,6 @@ class Issuer:
         Raises DelegationRefused, KdcUnreachableError, CredentialsRejectedError (the broker's key),
         IdentityError (unknown user), TicketError.
         """
-        import time
-
         with self._lock:
             self._counter += 1
             name = f"MEMORY:kerb-jupyter-broker-{os.getpid()}-{self._counter}"
@@ -88,13 +89,26 @@ class Issuer:
                     pass
 
     def _own_tgt(self, ctx: krb5.Context, cc: krb5.CCache) -> int:
-        """The broker's TGT, NOT renewable, into ``cc``; returns its lifetime in seconds.
+        """The broker's TGT, NOT renewable, into ``cc``; returns the seconds it has left.
 
         The KDC copies a TGT's renewable flag into every ticket got with it: proxy tickets from a renewable TGT
         could be renewed for days by whoever holds them, past the policy's cap. MIT clients ask for
         RENEWABLE_OK, which turns a request longer than the KDC allows into a renewable ticket: so ask again
         for no more than the KDC granted, and remember that.
         """
+        now = time.time()
+        with self._tgt_lock:
+            creds = self._tgt
+            if creds is None or creds.times.endtime - now < 0.9 * (creds.times.endtime - creds.times.authtime):
+                creds = self._tgt = self._fetch_tgt(ctx)
+        try:
+            krb5.cc_initialize(ctx, cc, creds.client)
+            krb5.cc_store_cred(ctx, cc, creds)
+        except krb5.Krb5Error as err:
+            raise TicketError(f"the broker could not use its own ticket: {err}") from None
+        return int(creds.times.endtime - now)
+
+    def _fetch_tgt(self, ctx: krb5.Context) -> krb5.Creds:
         try:
             client = krb5.parse_name_flags(ctx, self.service_principal.encode())
             keytab = krb5.kt_resolve(ctx, f"FILE:{self.keytab}".encode())
@@ -110,13 +124,11 @@ class Issuer:
                 self._life = max(life - 5, 60)
             else:
                 raise TicketError("the KDC gives the broker only renewable tickets", code="renewable_tgt")
-            krb5.cc_initialize(ctx, cc, creds.client)
-            krb5.cc_store_cred(ctx, cc, creds)
         except krb5.Krb5Error as err:
             if err.err_code in KDC_UNREACHABLE:
                 raise KdcUnreachableError("the broker's own ticket: the broker cannot reach the KDC") from None
             raise CredentialsRejectedError(f"the broker's own ticket from {self.keytab}: {err}") from None
-        return int(life)
+        return creds
 
     def _gss(self, call: object, what: str) -> gssapi.Credentials:
         try:
