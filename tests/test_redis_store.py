@@ -103,6 +103,18 @@ def test_two_clients_share_replays_and_limits(server):
     assert hits.count(True) == 10  # a limit of 10 holds across both together
 
 
+def test_a_burst_beyond_the_connection_pool_waits_instead_of_failing(server):
+    async def run() -> list[bool]:
+        store = RedisStore(server.url + "?max_connections=4", prefix="t6:")
+        try:
+            return list(await asyncio.gather(*(store.first_use(f"k{i % 50}", 60) for i in range(400))))
+        finally:
+            await store.close()
+
+    results = _run(run())
+    assert results.count(True) == 50  # every key once; no StoreUnavailable from a full pool
+
+
 def test_redis_down_fails_closed_logs_once_and_recovers(tmp_path, caplog):
     srv = RedisServer(tmp_path / "r").start()
     caplog.set_level(logging.INFO, logger="kerb_jupyter.broker.redis_store")

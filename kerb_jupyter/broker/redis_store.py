@@ -51,17 +51,23 @@ return redis.call('ZCARD', KEYS[1])
 class RedisStore:
     """The :class:`~kerb_jupyter.broker.store.Store` on Redis; ``prefix`` namespaces the keys of one deployment."""
 
-    def __init__(self, url: str, *, prefix: str = "kj:", socket_timeout: float = 2.0) -> None:
+    def __init__(self, url: str, *, prefix: str = "kj:", socket_timeout: float = 2.0,
+                 pool_timeout: float = 5.0) -> None:
         client_url, kwargs, self.where = _parse(url)
         kwargs.setdefault("socket_timeout", socket_timeout)
         kwargs.setdefault("socket_connect_timeout", socket_timeout)
         kwargs.setdefault("health_check_interval", 30)
-        # One immediate retry on a fresh connection: a pooled connection from before a Redis restart fails once.
+        kwargs.setdefault("max_connections", 50)
+        # A bounded pool that queues callers (up to ``pool_timeout`` s) rather than failing at the limit: a burst of
+        # requests must not look like an outage. One immediate retry on a fresh connection: a pooled connection
+        # from before a Redis restart fails once.
         try:
-            self._redis = aioredis.Redis.from_url(client_url, retry=Retry(NoBackoff(), 1), decode_responses=True,
-                                                  **kwargs)
+            pool = aioredis.BlockingConnectionPool.from_url(
+                client_url, timeout=max(pool_timeout, socket_timeout), retry=Retry(NoBackoff(), 1),
+                decode_responses=True, **kwargs)
         except ValueError as err:  # a bad db number or option value; the message names the option only
             raise ConfigError(f"the store URL is invalid: {err}") from None
+        self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self._hit = self._redis.register_script(_HIT)
         self.prefix = prefix
         self.failures = 0  # operations refused because Redis failed
