@@ -64,7 +64,8 @@ class Broker:
         self.policy = PolicyHolder(settings)
         self.store = store or make_store(settings.store)
         self.issuer = issuer or Issuer(settings.service_principal, settings.keytab)
-        self.http = http or tornado.httpclient.AsyncHTTPClient()
+        # Its own client: tornado's shared one allows only 10 requests at once (the rest wait in its queue).
+        self.http = http or tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=100)
         self.audit = AuditLog(settings.audit_log)
         self.metrics = Metrics()
         self.groups = GroupDirectory(settings.ldap, self.store) if settings.ldap else None
@@ -197,6 +198,7 @@ class Broker:
                           public="the broker cannot write its audit log") from None
 
     async def close(self) -> None:
+        self.http.close()
         await self.store.close()
 
 
