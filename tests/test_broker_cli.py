@@ -82,3 +82,13 @@ def test_broker_source_settings_are_checked(spec: dict[str, object], match: str)
 
     with pytest.raises(ConfigError, match=match):
         build_source({"type": "broker", **spec})
+
+
+def test_the_broker_imports_no_server_or_kernel_code() -> None:
+    code = (
+        "import sys, kerb_jupyter.broker.app, kerb_jupyter.broker.issue, kerb_jupyter.broker.groups;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jupyter_server', 'IPython', 'ipykernel')"
+        " or m in ('kerb_jupyter.magic', 'kerb_jupyter.handlers', 'kerb_jupyter.app'));"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
