@@ -351,3 +351,29 @@ def test_a_directory_outage_is_a_503_not_no_groups(bsb: BrokerSandbox, tmp_path:
     assert err.value.status == 503 and err.value.reason == "ldap_unavailable"
     record = read_records(tmp_path / "audit.jsonl")[0]
     assert record["reason"] == "ldap_unavailable" and record["caller_arn"].endswith("/alice")
+
+
+@pytest.mark.parametrize(("limits", "expected"), [
+    ({"per_arn": [2, 60]}, ["issued", "issued", "rate_limited_arn", "issued"]),
+    ({"per_principal": [3, 60]}, ["issued", "issued", "issued", "rate_limited_principal"]),
+])
+def test_limits_per_caller_arn_and_per_principal(bsb: BrokerSandbox, tmp_path: Path, limits: dict[str, Any],
+                                                 expected: list[str]) -> None:
+    second = "AWSReservedSSO_DataScientists_second"
+    if second not in {r["RoleName"] for r in bsb.sts.client("iam").list_roles()["Roles"]}:
+        bsb.sts.create_role(second)
+    one, two = creds(bsb), creds(bsb, "alice", second)  # two ARNs, one principal
+    path = _variant(bsb, tmp_path, limits=limits)
+
+    async def run() -> list[str]:
+        broker = Broker(load_broker_settings(path))
+        out = []
+        for c in (one, one, one, two):
+            try:
+                await broker.handle(json.dumps(payload(bsb, c)).encode(), "127.0.0.1", "r")
+                out.append("issued")
+            except Refused as err:
+                out.append(err.reason)
+        return out
+
+    assert asyncio.run(run()) == expected
