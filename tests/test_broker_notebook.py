@@ -92,13 +92,32 @@ def assert_no_secret_of(bsb: BrokerSandbox, user: str, *dirs: Path) -> None:
                 keytabs += 1
                 assert f"{user}@" not in keytab_principals(path), f"{path} is a keytab with {user}'s key"
     assert keytabs >= 2  # the broker's and the clusters' keytabs were looked at
-    for proc in Path("/proc").iterdir():
+    pids = family(os.getpid())  # this test's processes: Jupyter server, kernel, broker, KDC, slapd, moto
+    assert len(pids) >= 6
+    for pid in pids:
         try:
-            environ = (proc / "environ").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             continue
         assert b"KRB5_CLIENT_KTNAME" not in environ
         assert f"{user}.keytab".encode() not in environ and f"{user}.password".encode() not in environ
+
+
+def family(root: int) -> set[int]:
+    """``root`` and all its descendants (pg_ctl daemonises PostgreSQL, whose environment holds only Kerberos paths)."""
+    parents: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, grew = {root}, True
+    while grew:
+        more = {pid for pid, ppid in parents.items() if ppid in found} - found
+        found |= more
+        grew = bool(more)
+    return found
 
 
 async def test_kerbsql_as_alice_on_two_clusters_with_no_secret_of_hers(
