@@ -125,12 +125,15 @@ class KerbJupyterApp(ExtensionApp):
         resolve = None
         if not principal and (settings.identity or settings.mapping):
             resolve = make_resolver(settings)
-        if not (principal or resolve) or not settings.source:
+        broker = settings.source.get("type") == "broker"  # the broker itself says who the user is
+        if not (principal or resolve or broker) or not settings.source:
             return None
         try:
             source = build_source(settings.source)
         except ConfigError as err:
             raise ConfigError(f"{settings.path or 'the configuration'}: {err}") from None
+        if broker and not principal and resolve is None:
+            resolve = source.resolver(settings.cache_path)  # type: ignore[attr-defined]
         return TicketKeeper(
             principal or None,
             source,

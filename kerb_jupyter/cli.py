@@ -20,6 +20,7 @@ from .errors import KerbJupyterError
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
+    from .sandbox.broker import BrokerSandbox
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     sb.add_argument("--kdc-port", type=int, default=0, help="KDC port (default: a free one)")
     sb.add_argument("--pg-port", type=int, action="append", default=[], help="PostgreSQL port, once per cluster")
     sb.add_argument("--lab-port", type=int, default=0, help="JupyterLab port (default: a free one)")
+    sb.add_argument("--broker", action="store_true", help="no user secret anywhere: an LDAP-backed realm, moto "
+                    "STS for AWS, the credential broker, and a notebook configuration whose source is the broker")
     st = sub.add_parser("status", help="show the ticket in the shared cache and the keeper's state")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     kc = sub.add_parser("krb5-conf", help="print a krb5.conf for an Active Directory realm (for lifecycle scripts)")
@@ -41,8 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     kc.add_argument("--kdc", action="append", required=True, help="a domain controller host[:port]; repeat")
     kc.add_argument("--domain", action="append", default=[], help="DNS domain mapped to the realm; repeat "
                     "(default: the realm in lower case; .rds.amazonaws.com is always mapped, for Aurora)")
+    bk = sub.add_parser("broker", help="run the credential broker (S4U tickets for AWS-verified callers)")
+    bk.add_argument("--config", required=True, help="the broker's JSON configuration (see the README)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "broker":
+            from .broker.app import run as run_broker
+
+            run_broker(args.config)
+            return 0
         if args.command == "sandbox":
             return run_sandbox(args)
         if args.command == "krb5-conf":
@@ -66,7 +76,13 @@ def run_sandbox(args: argparse.Namespace) -> int:
     temporary = args.dir is None
     root = Path(args.dir or tempfile.mkdtemp(prefix="kerb-jupyter-sandbox-"))
     clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
-    sandbox = Sandbox(root, clusters=clusters, kdc_port=args.kdc_port, pg_ports=args.pg_port)
+    sandbox: Sandbox | BrokerSandbox
+    if args.broker:
+        from .sandbox.broker import BrokerSandbox
+
+        sandbox = BrokerSandbox(root, clusters=clusters)
+    else:
+        sandbox = Sandbox(root, clusters=clusters, kdc_port=args.kdc_port, pg_ports=args.pg_port)
     lab: subprocess.Popen[bytes] | None = None
     try:
         started = time.monotonic()
@@ -94,7 +110,7 @@ def run_sandbox(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _start_lab(sandbox: Sandbox, port: int) -> subprocess.Popen[bytes]:
+def _start_lab(sandbox: Sandbox | BrokerSandbox, port: int) -> subprocess.Popen[bytes]:
     notebooks = sandbox.root / "notebooks"
     notebooks.mkdir(exist_ok=True)
     demo = Path(__file__).parent / "sandbox" / "demo.ipynb"

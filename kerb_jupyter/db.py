@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 
 from . import tickets
+from .brokersource import require_grant
 from .config import ClusterConfig, Settings
 from .errors import ConfigError, DatabaseError, KerbJupyterError, NoTicketError, TicketError, TicketExpiredError
 from .tagging import application_name
@@ -97,6 +98,7 @@ class Session:
             return conn
         self.connections.pop(name, None)
         info = check_ticket(self.settings)
+        require_grant(info, cluster)  # a broker cache: say so when this cluster was not granted
         conn = connect(cluster, info.principal, self.settings)
         self.connections[name] = conn
         return conn

@@ -56,6 +56,7 @@ class KeeperState:
     failures: int = 0
     cache: str | None = None
     clock_skew: float | None = None
+    granted: dict[str, int] | None = None  # broker source: service principal -> its ticket's end time
     updated_at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
@@ -194,6 +195,7 @@ class TicketKeeper:
         s = self.state
         s.state, s.expires_at, s.renew_until = "valid", float(info.endtime), float(info.renew_till)
         s.consecutive_failures, s.last_error = 0, None
+        s.granted = dict(info.services) or None
         if kind:
             s.last_renewal, s.last_renewal_kind = self.clock(), kind
 

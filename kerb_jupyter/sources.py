@@ -212,5 +212,9 @@ def build_source(spec: dict[str, Any], client_factory: ClientFactory | None = No
             secret_id=str(spec["secret_id"]), secret_kind=kind.rsplit("_", 1)[1],
             region=spec.get("region"), client_factory=client_factory,
         )
-    allowed = "keytab, existing_cache, secretsmanager_keytab, secretsmanager_password"
+    if kind == "broker":
+        from .brokersource import build_broker_source
+
+        return build_broker_source(spec)
+    allowed = "keytab, existing_cache, secretsmanager_keytab, secretsmanager_password, broker"
     raise ConfigError(f"source.type {kind!r:.40} is not one of: {allowed}")

@@ -47,7 +47,11 @@ SKEW = -1765328347  # KRB5KRB_AP_ERR_SKEW
 
 @dataclass(frozen=True)
 class TicketInfo:
-    """What the cache holds: the client principal and the TGT's times (Unix seconds)."""
+    """What the cache holds: the client principal and the TGT's times (Unix seconds).
+
+    A cache from the credential broker has no TGT, only service tickets: then ``services`` lists them as
+    (service principal, end time), the times are the earliest ticket's and ``renewable`` is False.
+    """
 
     principal: str
     starttime: int
@@ -55,6 +59,7 @@ class TicketInfo:
     renew_till: int
     renewable: bool
     cache: str
+    services: tuple[tuple[str, int], ...] = ()
 
     def remaining(self, now: float | None = None) -> float:
         return self.endtime - (time.time() if now is None else now)
@@ -305,10 +310,21 @@ def _parse_cache(path: Path, st: os.stat_result) -> TicketInfo:
         name = client.name.decode() if client.name else ""
         realm = name.rsplit("@", 1)[-1]
         tgt_name = f"krbtgt/{realm}@{realm}".encode()
+        services: list[tuple[str, int, int]] = []
         for creds in cc:
             if creds.server.name == tgt_name:
                 break
+            server = creds.server.name.decode(errors="replace") if creds.server.name else ""
+            if not server.startswith(("krbtgt/", "X-CACHECONF:")) and creds.client.name == client.name:
+                times = creds.times
+                services.append((server, times.starttime or times.authtime, times.endtime))
         else:
+            if services:  # the broker's kind of cache: service tickets, no TGT
+                return TicketInfo(
+                    principal=name, starttime=min(s[1] for s in services), endtime=min(s[2] for s in services),
+                    renew_till=min(s[2] for s in services), renewable=False, cache=str(path),
+                    services=tuple(sorted((s[0], s[2]) for s in services)),
+                )
             raise NoTicketError(f"the ticket cache {path} holds no ticket-granting ticket for {name}")
     except krb5.Krb5Error as err:
         raise CacheError(f"the ticket cache {path} is unreadable or corrupt ({err})") from None
