@@ -152,11 +152,19 @@ def settings_doc(tmp_path: Path, **kw: Any) -> dict[str, Any]:
 def test_settings_require_tls_off_loopback(tmp_path: Path) -> None:
     s = parse_broker_settings(settings_doc(tmp_path))
     assert s.sts_host == "127.0.0.1:1" and s.address == "127.0.0.1" and s.limits.max_body == 16384
+    assert (s.sts_timeout, s.sts_max_clients) == (5.0, 100)
+    s = parse_broker_settings(settings_doc(tmp_path, sts={"endpoint": "http://127.0.0.1:1/", "timeout": 2.5,
+                                                          "max_clients": 400}))
+    assert (s.sts_timeout, s.sts_max_clients) == (2.5, 400)
     with pytest.raises(ConfigError, match="TLS is required"):
         parse_broker_settings(settings_doc(tmp_path, listen={"address": "0.0.0.0"}))  # noqa: S104
     for bad, match in (({"audience": ""}, "audience"), ({"clusters": {"a": "postgres"}}, "service principal"),
                        ({"limits": {"per_arn": [0, 1]}}, "per_arn"), ({"extra": 1}, "unknown key"),
-                       ({"sts": {"endpoint": "sts.amazonaws.com"}}, "sts.endpoint")):
+                       ({"sts": {"endpoint": "sts.amazonaws.com"}}, "sts.endpoint"),
+                       ({"sts": {"endpoint": "http://127.0.0.1:1/", "max_clients": 0}}, "sts.max_clients"),
+                       ({"sts": {"endpoint": "http://127.0.0.1:1/", "max_clients": "many"}}, "sts.max_clients"),
+                       ({"sts": {"endpoint": "http://127.0.0.1:1/", "timeout": "5"}}, "sts.timeout"),
+                       ({"sts": {"endpoint": "http://127.0.0.1:1/", "timeout": 0}}, "sts.timeout")):
         with pytest.raises(ConfigError, match=match):
             parse_broker_settings(settings_doc(tmp_path, **bad))
 

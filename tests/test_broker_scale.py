@@ -73,6 +73,13 @@ class BrokerProcess:
         except urllib.error.HTTPError as err:
             return err.code
 
+    def metrics(self) -> dict[str, float]:
+        """The store's samples on GET /metrics (name -> value)."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return {name: float(value) for name, value in
+                (line.split(" ", 1) for line in text.splitlines() if line.startswith("kerb_jupyter_broker_store_"))}
+
     def audited(self, request_id: str) -> dict[str, Any]:
         found = [r for r in read_records(self.audit_log) if r["request_id"] == request_id]
         assert len(found) == 1, found
@@ -147,9 +154,11 @@ def test_a_per_principal_limit_holds_across_both_brokers(fresh):
 
 def test_redis_down_means_503_audited_and_back_means_issuing_again(fresh):
     sb, srv, brokers = fresh
+    before = [broker.metrics() for broker in brokers]
+    assert all(m["kerb_jupyter_broker_store_up"] == 1.0 for m in before), before
     srv.stop()
     try:
-        for broker in brokers:
+        for broker, seen in zip(brokers, before):
             assert broker.health() == 503
             for _ in range(3):
                 code, body = broker.post(signed(sb))
@@ -159,6 +168,12 @@ def test_redis_down_means_503_audited_and_back_means_issuing_again(fresh):
             lines = broker.log_file.read_text().splitlines()
             outage_lines = [line for line in lines if "ERROR kerb_jupyter.broker.redis_store" in line]
             assert len(outage_lines) == 1, outage_lines  # one ERROR per outage, not per request
+            refusal_lines = [line for line in lines if "WARNING" in line and "store_unavailable" in line]
+            assert len(refusal_lines) == 1, refusal_lines  # and one refusal WARNING per outage
+            now = broker.metrics()
+            grew = {k.removeprefix("kerb_jupyter_broker_store_"): now[k] - seen[k] for k in now}
+            assert now["kerb_jupyter_broker_store_up"] == 0.0
+            assert grew["outages_total"] == 1 and grew["failures_total"] >= 4, grew  # /healthz + 3 requests
     finally:
         srv.start()  # same port; the brokers are not restarted
     for broker in brokers:
@@ -166,7 +181,10 @@ def test_redis_down_means_503_audited_and_back_means_issuing_again(fresh):
         code, body = broker.post(signed(sb))
         assert code == 200, body
         assert broker.audited(body["request_id"])["decision"] == "issued"
-        assert sum("is back" in line for line in broker.log_file.read_text().splitlines()) == 1
+        lines = broker.log_file.read_text().splitlines()
+        assert sum("is back" in line for line in lines) == 1
+        assert sum("the shared store answers again" in line for line in lines) == 1
+        assert broker.metrics()["kerb_jupyter_broker_store_up"] == 1.0
 
 
 UNIT = Path(__file__).resolve().parent.parent / "kerb_jupyter" / "broker" / "kerb-jupyter-broker.service"

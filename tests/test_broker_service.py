@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import urllib.error
 import urllib.request
@@ -23,7 +24,7 @@ from kerb_jupyter.broker.app import Broker, Refused
 from kerb_jupyter.broker.audit import read_records
 from kerb_jupyter.broker.auth import AUDIENCE_HEADER, NONCE_HEADER, sign_request
 from kerb_jupyter.broker.settings import load_broker_settings
-from kerb_jupyter.broker.store import StoreUnavailable
+from kerb_jupyter.broker.store import MemoryStore, StoreUnavailable
 from kerb_jupyter.brokersource import build_broker_source
 from kerb_jupyter.sandbox.broker import AUDIENCE, BrokerSandbox
 from kerb_jupyter.sandbox.sts import REGION, SSO_ROLE
@@ -311,34 +312,125 @@ def test_a_silent_sts_times_out_into_a_503(bsb: BrokerSandbox, tmp_path: Path) -
     assert read_records(tmp_path / "audit.jsonl")[0]["reason"] == "sts_unavailable"
 
 
-class DownStore:
-    """A store whose backend is unreachable (the Store protocol is the broker's injection seam)."""
+def test_requests_queued_behind_a_stalled_sts_get_503_never_500(bsb: BrokerSandbox, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """One request in flight to an STS that never answers; the others wait in the client's queue past sts.timeout."""
+    import socket
+
+    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+    from kerb_jupyter.sandbox.procs import free_port
+
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(16)  # accepts connections, never answers
+    port = free_port()
+    path = _variant(bsb, tmp_path, listen={"port": port},
+                    sts={"endpoint": f"http://127.0.0.1:{stalled.getsockname()[1]}/",
+                         "host": f"127.0.0.1:{bsb.sts.port}", "timeout": 1, "max_clients": 1})
+    bodies = [json.dumps(payload(bsb, creds(bsb))).encode() for _ in range(4)]
+    caplog.set_level(logging.DEBUG, logger="kerb_jupyter.broker")
+
+    async def run() -> list[tuple[int, dict[str, Any]]]:
+        broker = Broker(load_broker_settings(path))
+        server = broker.listen()
+        client = AsyncHTTPClient(force_instance=True)
+        try:
+            answers = await asyncio.gather(*(client.fetch(HTTPRequest(
+                f"http://127.0.0.1:{port}/v1/credentials", method="POST", body=b, request_timeout=30),
+                raise_error=False) for b in bodies))
+            return [(r.code, json.loads(r.body)) for r in answers]
+        finally:
+            client.close()
+            server.stop()
+            await broker.close()
+
+    try:
+        answers = asyncio.run(run())
+    finally:
+        stalled.close()
+    assert [code for code, _ in answers] == [503] * 4, answers
+    for _, body in answers:
+        assert body["error"] == "sts_unavailable" and body["message"] == "the broker cannot reach AWS STS"
+    assert [r["reason"] for r in read_records(tmp_path / "audit.jsonl")] == ["sts_unavailable"] * 4
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("kerb_jupyter.broker")]
+    assert any("Timeout in request queue" in m for _, m in messages), messages  # the queue path was taken
+    warnings = [m for level, m in messages if level >= logging.WARNING]
+    assert len(warnings) == 1 and "AWS STS is unavailable" in warnings[0], warnings  # one line for the outage
+
+
+class SwitchableStore(MemoryStore):
+    """A memory store that can be switched off like an unreachable backend (Store is the broker's injection seam)."""
+
+    down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailable("the store is down")
 
     async def first_use(self, key: str, ttl: float) -> bool:
-        raise StoreUnavailable("the store is down")
+        self._check()
+        return await super().first_use(key, ttl)
 
     async def hit(self, key: str, limit: int, window: float) -> bool:
-        raise StoreUnavailable("the store is down")
+        self._check()
+        return await super().hit(key, limit, window)
 
     async def get(self, key: str) -> str | None:
-        raise StoreUnavailable("the store is down")
+        self._check()
+        return await super().get(key)
 
     async def put(self, key: str, value: str, ttl: float) -> None:
-        raise StoreUnavailable("the store is down")
-
-    async def ping(self) -> None:
-        raise StoreUnavailable("the store is down")
-
-    async def close(self) -> None:
-        return None
+        self._check()
+        await super().put(key, value, ttl)
 
 
-def test_a_store_outage_fails_closed_with_503(bsb: BrokerSandbox, tmp_path: Path) -> None:
-    broker = Broker(load_broker_settings(_variant(bsb, tmp_path)), store=DownStore())
-    with pytest.raises(Refused) as err:
-        asyncio.run(broker.handle(json.dumps(payload(bsb, creds(bsb))).encode(), "127.0.0.1", "down"))
-    assert err.value.status == 503 and err.value.reason == "store_unavailable"
-    assert read_records(tmp_path / "audit.jsonl")[0]["reason"] == "store_unavailable"
+def test_a_store_outage_fails_closed_with_503_and_is_logged_once(bsb: BrokerSandbox, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    store = SwitchableStore()
+    broker = Broker(load_broker_settings(_variant(bsb, tmp_path)), store=store)
+    c = creds(bsb)
+    caplog.set_level(logging.INFO, logger="kerb_jupyter.broker")
+
+    async def run(n: int) -> list[tuple[int, str]]:
+        out = []
+        for _ in range(n):
+            try:
+                await broker.handle(json.dumps(payload(bsb, c)).encode(), "127.0.0.1", "r")
+                out.append((200, "ok"))
+            except Refused as err:
+                out.append((err.status, err.reason))
+        return out
+
+    def logged() -> list[tuple[str, str]]:
+        lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("kerb_jupyter.broker")]
+        caplog.clear()
+        return lines
+
+    store.down = True
+    assert asyncio.run(run(3)) == [(503, "store_unavailable")] * 3
+    ((level, line),) = logged()  # one line for the outage, not one per request
+    assert level == "WARNING" and "the shared store is unavailable" in line
+    store.down = False
+    assert asyncio.run(run(1)) == [(200, "ok")]
+    ((level, line),) = logged()
+    assert level == "INFO" and "answers again" in line and "3 request(s) were refused" in line
+    store.down = True
+    assert asyncio.run(run(2)) == [(503, "store_unavailable")] * 2
+    assert [level for level, _ in logged()] == ["WARNING"]  # a new outage, a new line
+    reasons = [r["reason"] for r in read_records(tmp_path / "audit.jsonl")]
+    assert reasons == ["store_unavailable"] * 3 + ["ok"] + ["store_unavailable"] * 2  # every request audited
+
+
+def test_other_refusals_are_still_logged_one_by_one(bsb: BrokerSandbox, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    broker = Broker(load_broker_settings(_variant(bsb, tmp_path)))
+    caplog.set_level(logging.INFO, logger="kerb_jupyter.broker")
+    for n in range(2):
+        with pytest.raises(Refused):
+            asyncio.run(broker.handle(b"{not json", "127.0.0.1", f"bad-{n}"))
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 2 and all("(malformed)" in line for line in lines)
 
 
 def test_a_directory_outage_is_a_503_not_no_groups(bsb: BrokerSandbox, tmp_path: Path) -> None:

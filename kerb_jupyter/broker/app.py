@@ -23,7 +23,7 @@ import tornado.web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from ..errors import CredentialsRejectedError, IdentityError, KdcUnreachableError, KerbJupyterError, TicketError
-from .audit import AuditLog
+from .audit import OUTAGES, AuditLog, OutageLog
 from .auth import AuthError, Caller, check_request, parse_caller, parse_payload
 from .groups import GroupDirectory
 from .issue import DelegationRefused, Issuer
@@ -64,10 +64,15 @@ class Broker:
         self.policy = PolicyHolder(settings)
         self.store = store or make_store(settings.store)
         self.issuer = issuer or Issuer(settings.service_principal, settings.keytab)
-        # Its own client: tornado's shared one allows only 10 requests at once (the rest wait in its queue).
-        self.http = http or tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=100)
+        # Its own client: tornado's shared one allows only 10 requests in flight; the rest wait in its queue, and
+        # those still waiting after sts.timeout fail with "Timeout in request queue" (a 503 below).
+        self.http = http or tornado.httpclient.AsyncHTTPClient(force_instance=True,
+                                                               max_clients=settings.sts_max_clients)
         self.audit = AuditLog(settings.audit_log)
+        self.outages = OutageLog()
         self.metrics = Metrics()
+        if hasattr(self.store, "collector"):  # RedisStore: store_up, store_failures, store_outages
+            self.metrics.registry.register(self.store.collector())
         self.groups = GroupDirectory(settings.ldap, self.store) if settings.ldap else None
 
     def application(self) -> tornado.web.Application:
@@ -110,12 +115,14 @@ class Broker:
                 self.settings.sts_endpoint, method="POST", headers=headers, body=req.body,
                 request_timeout=self.settings.sts_timeout, connect_timeout=self.settings.sts_timeout,
                 follow_redirects=False), raise_error=False)
-        except (OSError, tornado.httpclient.HTTPClientError) as err:  # refused, reset, timed out
-            raise Refused(503, "sts_unavailable", f"cannot reach STS: {type(err).__name__}",
+        except (OSError, asyncio.TimeoutError, tornado.httpclient.HTTPClientError) as err:
+            # refused, reset, TLS, timed out, or queued past sts.timeout behind sts.max_clients requests in flight
+            raise Refused(503, "sts_unavailable", f"cannot reach STS: {type(err).__name__}: {str(err)[:160]}",
                           public="the broker cannot reach AWS STS") from None
         if resp.code == 599:
             raise Refused(503, "sts_unavailable", f"STS did not answer: {resp.error}",
                           public="the broker cannot reach AWS STS")
+        self.outages.recovered("sts_unavailable")
         try:
             return parse_caller(resp.code, resp.body or b"")
         except AuthError as err:
@@ -124,13 +131,15 @@ class Broker:
     async def decide(self, caller: Caller, source: str) -> Decision:
         lookup = self.groups.groups if self.groups else None
         try:
-            return await self.policy.policy.decide(caller, source, lookup)
+            decision = await self.policy.policy.decide(caller, source, lookup)
         except Denied as err:
             raise Refused(403, err.code, str(err)) from None
         except KerbJupyterError as err:
             if err.code == "ldap_unavailable":
                 raise Refused(503, err.code, str(err), public="the broker cannot reach the directory") from None
             raise
+        self.outages.recovered("ldap_unavailable")
+        return decision
 
     async def issue(self, decision: Decision) -> dict[str, Any]:
         try:
@@ -144,6 +153,7 @@ class Broker:
             raise Refused(403, err.code, str(err)) from None
         except (CredentialsRejectedError, TicketError) as err:
             raise Refused(503, err.code, str(err), public="the broker could not get tickets from the KDC") from None
+        self.outages.recovered("kdc_unreachable")
         for step, seconds in issued.timings.items():
             self.metrics.kdc.labels("s4u2self" if step == "s4u2self" else "s4u2proxy").observe(seconds)
         spns = decision.clusters
@@ -160,6 +170,7 @@ class Broker:
         record: dict[str, Any] = {"request_id": request_id, "source": source}
         try:
             await self._limit("src:" + source, limits.per_source, "rate_limited_source")
+            self.outages.recovered("store_unavailable")
             caller = await self.authenticate(body)
             record["caller_arn"] = caller.arn
             await self._limit("arn:" + caller.arn, limits.per_arn, "rate_limited_arn")
@@ -186,6 +197,9 @@ class Broker:
     def _audit(self, record: dict[str, Any], decision: str, reason: str, detail: str) -> None:
         if decision == "issued":
             self.metrics.issued.inc()
+        elif reason in OUTAGES:  # the caller is not at fault: one line per outage, not one per request
+            self.metrics.refused.labels(reason).inc()
+            self.outages.refused(reason, record["request_id"], detail)
         else:
             self.metrics.refused.labels(reason).inc()
             log.warning("broker: request %s from %s refused (%s): %s", record["request_id"], record["source"],

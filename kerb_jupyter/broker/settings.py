@@ -4,7 +4,7 @@
       "listen": {"address": "0.0.0.0", "port": 8443, "tls_cert": "/etc/broker/cert.pem", "tls_key": "..."},
       "audience": "kerb-jupyter-broker.corp.example.com",
       "sts": {"endpoint": "https://sts.eu-west-1.amazonaws.com/", "host": "sts.eu-west-1.amazonaws.com",
-              "timeout": 5},
+              "timeout": 5, "max_clients": 100},
       "kerberos": {"principal": "svc-broker@CORP.EXAMPLE.COM", "keytab": "/etc/broker/broker.keytab",
                    "max_lifetime": 36000},
       "clusters": {"analytics": "postgres/analytics.cluster-x.eu-west-1.rds.amazonaws.com@CORP.EXAMPLE.COM"},
@@ -61,6 +61,7 @@ class BrokerSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     sts_timeout: float = 5.0
+    sts_max_clients: int = 100
     max_lifetime: int = 36000
     ldap: LdapSettings | None = None
     limits: Limits = field(default_factory=Limits)
@@ -126,7 +127,8 @@ def parse_broker_settings(raw: Any, where: Path | None = None) -> BrokerSettings
         keytab=Path(str(krb["keytab"])), service_principal=str(krb["principal"]), clusters=dict(clusters),
         policy=parse_policy(raw.get("policy"), clusters, max_life), address=address,
         port=_int(listen.get("port", 8443), "listen.port", 0), tls_cert=Path(tls_cert) if tls_cert else None,
-        tls_key=Path(tls_key) if tls_key else None, sts_timeout=float(sts.get("timeout", 5.0)),
+        tls_key=Path(tls_key) if tls_key else None, sts_timeout=_seconds(sts.get("timeout", 5.0), "sts.timeout"),
+        sts_max_clients=_int(sts.get("max_clients", 100), "sts.max_clients", 1),
         max_lifetime=max_life, ldap=parse_ldap(raw.get("ldap")), limits=_limits(_section(raw, "limits")),
         store=raw.get("store"), audit_log=Path(raw["audit_log"]) if raw.get("audit_log") else None,
     )
@@ -136,6 +138,12 @@ def _int(value: Any, what: str, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{what} must be a whole number >= {minimum}")
     return value
+
+
+def _seconds(value: Any, what: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= 300:
+        raise ConfigError(f"{what} must be a number of seconds, more than 0 and at most 300")
+    return float(value)
 
 
 def _limits(raw: dict[str, Any]) -> Limits:
