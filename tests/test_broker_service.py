@@ -78,6 +78,21 @@ def payload(bsb: BrokerSandbox, c: Credentials, audience: str = AUDIENCE) -> dic
     return sign_request(c, REGION, bsb.sts.url + "/", audience)
 
 
+def outcomes(bsb: BrokerSandbox, broker: Broker, requests: list[tuple[Credentials, str]]) -> list[str]:
+    """Each (credentials, source address) as one request, in order: "issued" or "<status> <reason>"."""
+    async def run() -> list[str]:
+        out = []
+        for c, source in requests:
+            try:
+                await broker.handle(json.dumps(payload(bsb, c)).encode(), source, "r")
+                out.append("issued")
+            except Refused as err:
+                out.append(f"{err.status} {err.reason}")
+        return out
+
+    return asyncio.run(run())
+
+
 def test_alice_gets_both_clusters_and_it_is_audited(bsb: BrokerSandbox) -> None:
     code, body = post(bsb, payload(bsb, creds(bsb)))
     assert code == 200, body
@@ -141,20 +156,10 @@ def test_rate_limits_and_the_hourly_cap(bsb: BrokerSandbox, tmp_path: Path) -> N
     path = tmp_path / "broker.json"
     path.write_text(json.dumps(doc))
     c = creds(bsb)
-
-    async def run() -> list[str]:
-        broker = Broker(load_broker_settings(path))
-        out = []
-        for source in ("127.0.0.1",) * 3 + ("127.0.0.2",) + ("127.0.0.1",) * 2:
-            try:
-                await broker.handle(json.dumps(payload(bsb, c)).encode(), source, "r")
-                out.append("issued")
-            except Refused as err:
-                out.append(err.reason)
-        return out
-
+    sources = ("127.0.0.1",) * 3 + ("127.0.0.2",) + ("127.0.0.1",) * 2
     # 127.0.0.1 sends 5 (the 5th over its limit of 4); alice may have 2 caches an hour from any address.
-    assert asyncio.run(run()) == ["issued", "issued", "issue_cap", "issue_cap", "issue_cap", "rate_limited_source"]
+    assert outcomes(bsb, Broker(load_broker_settings(path)), [(c, source) for source in sources]) == [
+        "issued", "issued", "429 issue_cap", "429 issue_cap", "429 issue_cap", "429 rate_limited_source"]
     reasons = [r["reason"] for r in read_records(tmp_path / "audit.jsonl")]
     assert reasons == ["ok", "ok", "issue_cap", "issue_cap", "issue_cap", "rate_limited_source"]
 
@@ -392,31 +397,21 @@ def test_a_store_outage_fails_closed_with_503_and_is_logged_once(bsb: BrokerSand
     c = creds(bsb)
     caplog.set_level(logging.INFO, logger="kerb_jupyter.broker")
 
-    async def run(n: int) -> list[tuple[int, str]]:
-        out = []
-        for _ in range(n):
-            try:
-                await broker.handle(json.dumps(payload(bsb, c)).encode(), "127.0.0.1", "r")
-                out.append((200, "ok"))
-            except Refused as err:
-                out.append((err.status, err.reason))
-        return out
-
     def logged() -> list[tuple[str, str]]:
         lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("kerb_jupyter.broker")]
         caplog.clear()
         return lines
 
     store.down = True
-    assert asyncio.run(run(3)) == [(503, "store_unavailable")] * 3
+    assert outcomes(bsb, broker, [(c, "127.0.0.1")] * 3) == ["503 store_unavailable"] * 3
     ((level, line),) = logged()  # one line for the outage, not one per request
     assert level == "WARNING" and "the shared store is unavailable" in line
     store.down = False
-    assert asyncio.run(run(1)) == [(200, "ok")]
+    assert outcomes(bsb, broker, [(c, "127.0.0.1")]) == ["issued"]
     ((level, line),) = logged()
     assert level == "INFO" and "answers again" in line and "3 request(s) were refused" in line
     store.down = True
-    assert asyncio.run(run(2)) == [(503, "store_unavailable")] * 2
+    assert outcomes(bsb, broker, [(c, "127.0.0.1")] * 2) == ["503 store_unavailable"] * 2
     assert [level for level, _ in logged()] == ["WARNING"]  # a new outage, a new line
     reasons = [r["reason"] for r in read_records(tmp_path / "audit.jsonl")]
     assert reasons == ["store_unavailable"] * 3 + ["ok"] + ["store_unavailable"] * 2  # every request audited
@@ -446,8 +441,8 @@ def test_a_directory_outage_is_a_503_not_no_groups(bsb: BrokerSandbox, tmp_path:
 
 
 @pytest.mark.parametrize(("limits", "expected"), [
-    ({"per_arn": [2, 60]}, ["issued", "issued", "rate_limited_arn", "issued"]),
-    ({"per_principal": [3, 60]}, ["issued", "issued", "issued", "rate_limited_principal"]),
+    ({"per_arn": [2, 60]}, ["issued", "issued", "429 rate_limited_arn", "issued"]),
+    ({"per_principal": [3, 60]}, ["issued", "issued", "issued", "429 rate_limited_principal"]),
 ])
 def test_limits_per_caller_arn_and_per_principal(bsb: BrokerSandbox, tmp_path: Path, limits: dict[str, Any],
                                                  expected: list[str]) -> None:
@@ -456,16 +451,5 @@ def test_limits_per_caller_arn_and_per_principal(bsb: BrokerSandbox, tmp_path: P
         bsb.sts.create_role(second)
     one, two = creds(bsb), creds(bsb, "alice", second)  # two ARNs, one principal
     path = _variant(bsb, tmp_path, limits=limits)
-
-    async def run() -> list[str]:
-        broker = Broker(load_broker_settings(path))
-        out = []
-        for c in (one, one, one, two):
-            try:
-                await broker.handle(json.dumps(payload(bsb, c)).encode(), "127.0.0.1", "r")
-                out.append("issued")
-            except Refused as err:
-                out.append(err.reason)
-        return out
-
-    assert asyncio.run(run()) == expected
+    requests = [(c, "127.0.0.1") for c in (one, one, one, two)]
+    assert outcomes(bsb, Broker(load_broker_settings(path)), requests) == expected

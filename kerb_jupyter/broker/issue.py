@@ -5,6 +5,13 @@ service ticket per cluster, stored under the service's full realm (python-gssapi
 then misses it wherever krb5.conf maps the host to a realm), with the evidence ticket that MIT copies into
 each proxy ticket's ``second_ticket`` removed. The lifetime cap goes to ``SecurityContext(lifetime=...)``:
 MIT ignores the one given to ``impersonate()``. Blocking: the broker calls ``issue`` from a thread.
+
+    issued = Issuer("broker/host@CORP.EXAMPLE.COM", Path("/etc/broker.keytab")).issue(
+        "alice", {"analytics": "postgres/db.corp.example.com"}, 3600)   # names without @REALM get the broker's
+
+Error codes: ``invalid_request`` (not a user principal, no service, lifetime <= 0), ``impersonation_not_allowed``
+(the KDC refused S4U2Self: protocol transition), ``delegation_not_allowed`` (it refused S4U2Proxy to a service),
+``unknown_principal``, ``service_unknown``, ``kdc_unreachable``, ``credentials_rejected`` (the broker's keytab).
 """
 
 from __future__ import annotations
@@ -25,9 +32,13 @@ from ..tickets import KDC_UNREACHABLE
 
 
 class DelegationRefused(TicketError):
-    """The KDC will not let the broker act for this user towards this service."""
+    """The KDC will not let the broker act for this user (S4U2Self) or towards this service (S4U2Proxy)."""
 
-    code = "delegation_refused"
+    code = "delegation_not_allowed"
+
+
+_KRB5 = -1765328384  # ERROR_TABLE_BASE_krb5 (signed), as GSSAPI's minor status and krb5's err_code carry it
+_C_UNKNOWN, _S_UNKNOWN, _POLICY, _BADOPTION = (_KRB5 + n for n in (6, 7, 12, 13))
 
 
 @dataclass(frozen=True)
@@ -54,8 +65,15 @@ class Issuer:
         """Service tickets for ``principal`` to each ``clusters`` SPN, valid at most ``lifetime`` seconds.
 
         Raises DelegationRefused, KdcUnreachableError, CredentialsRejectedError (the broker's key),
-        IdentityError (unknown user), TicketError.
+        IdentityError (unknown user, not a user principal), TicketError.
         """
+        realm = self.service_principal.rpartition("@")[2] if "@" in self.service_principal else _default_realm()
+        principal = qualify(principal, realm)
+        if "/" in principal.rpartition("@")[0]:
+            raise IdentityError(f"refusing to act for {principal!r}: only user principals", code="invalid_request")
+        clusters = {name: qualify(spn, realm) for name, spn in clusters.items()}
+        if not clusters or lifetime <= 0:
+            raise TicketError("issuing needs at least one service and a positive lifetime", code="invalid_request")
         with self._lock:
             self._counter += 1
             name = f"MEMORY:kerb-jupyter-broker-{os.getpid()}-{self._counter}"
@@ -76,7 +94,8 @@ class Issuer:
                 t1 = time.perf_counter()
                 target = gssapi.Name(spn, gssapi.NameType.kerberos_principal)
                 self._gss(lambda t=target: gssapi.SecurityContext(
-                    name=t, creds=imp, usage="initiate", lifetime=lifetime).step(), f"a ticket for {cluster} ({spn})")
+                    name=t, creds=imp, usage="initiate", lifetime=lifetime).step(), f"a ticket for {cluster}",
+                    target=spn)
                 timings[f"proxy:{cluster}"] = time.perf_counter() - t1
             # MIT keeps the proxy tickets with the impersonated credential: store it to read them back.
             imp.store(store={b"ccache": (name + "-user").encode()}, overwrite=True)
@@ -130,11 +149,11 @@ class Issuer:
             raise CredentialsRejectedError(f"the broker's own ticket from {self.keytab}: {err}") from None
         return creds
 
-    def _gss(self, call: object, what: str) -> gssapi.Credentials:
+    def _gss(self, call: object, what: str, target: str | None = None) -> gssapi.Credentials:
         try:
             return call()  # type: ignore[operator,no-any-return]
         except GSSError as err:
-            raise classify(err, what) from None
+            raise classify(err, what, self.service_principal, target) from None
 
     def _export(self, ctx: krb5.Context, caches: list[krb5.CCache], principal: str, clusters: dict[str, str],
                 timings: dict[str, float]) -> Issued:
@@ -161,19 +180,43 @@ def spn_key(name: str) -> str:
     return name.rsplit("@", 1)[0].lower() if "@" in name else name.lower()
 
 
-def classify(err: GSSError, what: str) -> TicketError | IdentityError:
+def classify(err: GSSError, what: str, service: str, target: str | None = None) -> TicketError | IdentityError:
+    """The KDC's answer to S4U2Self (``target`` None) or to S4U2Proxy towards ``target``, as a coded error."""
+    minor = err.min_code - (1 << 32) if err.min_code >= 1 << 31 else err.min_code
     text = str(err)
-    if "Cannot contact any KDC" in text or "Cannot find KDC" in text:
+    if minor in KDC_UNREACHABLE or "Cannot contact any KDC" in text or "Cannot find KDC" in text:
         return KdcUnreachableError(f"{what}: the broker cannot reach the KDC")
-    if "can't fulfill requested option" in text or "not allowed to delegate" in text.lower():
-        return DelegationRefused(f"{what}: the broker's account is not allowed to delegate to that service")
-    if "Client not found" in text or ("Client '" in text and "not found" in text):
+    refused = minor in (_POLICY, _BADOPTION) or "can't fulfill requested option" in text
+    if target is not None and (refused or "not allowed to delegate" in text.lower()):
+        return DelegationRefused(f"{what}: {service} is not allowed to delegate to {target} (constrained "
+                                 "delegation)")
+    if refused:
+        return DelegationRefused(f"{what}: the KDC refused {service} protocol transition (is it trusted to "
+                                 "authenticate for delegation?)", code="impersonation_not_allowed")
+    if (minor == _C_UNKNOWN or (minor == _S_UNKNOWN and target is None) or "Client not found" in text
+            or ("Client '" in text and "not found" in text)):
         return IdentityError(f"{what}: the directory has no such user", code="unknown_principal")
-    if "Server not found" in text or "not found in Kerberos database" in text:
-        return TicketError(f"{what}: the KDC does not know that service principal", code="service_unknown")
+    if minor == _S_UNKNOWN or "Server not found" in text or "not found in Kerberos database" in text:
+        return TicketError(f"{what}: the KDC does not know the service principal {target}", code="service_unknown")
     if "Key table" in text or "keytab" in text.lower() or "Preauthentication failed" in text:
         return CredentialsRejectedError(f"{what}: the broker's keytab was refused ({text[:160]})")
     return TicketError(f"{what}: {text[:200]}")
+
+
+def qualify(name: str, realm: str) -> str:
+    """``name`` with ``@realm`` added when it has none. Raises IdentityError (code invalid_request) if malformed."""
+    base, at, r = name.partition("@")
+    if not base or (at and not r) or "@" in r or any(c in name for c in "\0\n\r\t "):
+        raise IdentityError(f"not a Kerberos principal: {name[:80]!r}", code="invalid_request")
+    return name if at else f"{name}@{realm}"
+
+
+def _default_realm() -> str:
+    try:
+        return str(krb5.get_default_realm(krb5.init_context()).decode())
+    except krb5.Krb5Error:
+        raise TicketError("no default realm in krb5.conf: give the broker's principal with its @REALM",
+                          code="invalid_request") from None
 
 
 # -- the FILE ccache format (version 4), the same encoding krb5_marshal_credentials produces ---------------
