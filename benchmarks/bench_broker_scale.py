@@ -7,8 +7,8 @@ private redis-server and 1, then 2, ``kerb-jupyter broker`` processes with ``"st
 high enough not to interfere. ``--callers`` asyncio callers, round-robin over the instances, each sign a fresh
 GetCallerIdentity request (a pool of ``--users`` users) and POST it; a fraction ``--replays`` re-send a request
 already used, which must be refused (401 replay) whichever instance gets it. Reports requests/s, issued/s,
-p50/p99 latency of issued requests, every non-intended answer as an error, and the CPU seconds each process used
-(what limits the run). Writes benchmarks/results/broker_scale.json.
+p50/p99 latency of issued requests, every non-intended answer as an error, the CPU seconds each process used
+(what limits the run) and the machine's load average. Writes benchmarks/results/broker_scale.json.
 """
 
 from __future__ import annotations
@@ -193,6 +193,7 @@ def main() -> None:
                     cpu["brokers"] = round(sum(cpu_seconds(p.pid) for p in brokers.procs), 1)
                     cpu["load generator"] = round(sum(os.times()[:2]) - sum(own[:2]), 1)
                     result["cpu_seconds"] = cpu
+                    result["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)  # the machine is shared
                     result["log_problems"] = brokers.problems()
                 finally:
                     brokers.stop()
@@ -202,7 +203,9 @@ def main() -> None:
             srv.stop()
             sb.stop()
     print()
-    print(f"{args.callers} callers, {args.seconds:.0f} s per run, {args.replays:.0%} replays, {os.cpu_count()} cores")
+    loads = ", ".join(str(r["load_average_1min_at_end"]) for r in results)
+    print(f"{args.callers} callers, {args.seconds:.0f} s per run, {args.replays:.0%} replays, {os.cpu_count()} cores, "
+          f"1-min load average at the end of each run: {loads}")
     print("| instances | requests/s | issued/s | p50 ms | p99 ms | replays refused | errors "
           "| CPU s (brokers/kdc/slapd/moto/redis/client) |")
     print("|---:|---:|---:|---:|---:|---:|---|---|")
