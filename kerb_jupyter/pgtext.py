@@ -111,11 +111,15 @@ def float_text(value: float, single: bool = False) -> str:
 
 
 def _shortest32(value: float) -> str:
+    """The fewest digits that give back the same float4 (PostgreSQL's float4 output), as ``d.ddde±x``."""
     target = struct.pack("<f", value)
-    for precision in range(1, 10):
+    for precision in range(9):
         text = f"{value:.{precision}e}"
-        if struct.pack("<f", float(text)) == target:
-            return text
+        try:
+            if struct.pack("<f", float(text)) == target:
+                return text
+        except OverflowError:  # rounded up past the largest float4
+            continue
     return repr(value)
 
 

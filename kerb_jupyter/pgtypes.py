@@ -19,7 +19,6 @@ from psycopg import pq
 from psycopg.adapt import AdaptersMap, Loader, Transformer
 from psycopg.types.string import TextLoader
 
-from .errors import DatabaseError
 from .pgtext import ARRAY_ELEMENTS, FALLIBLE_OIDS, PYTHON_TYPES
 
 __all__ = [
@@ -155,34 +154,8 @@ def use_safe_loaders(cur: psycopg.Cursor[Any]) -> None:
             cur.adapters.register_loader(oid, loader)
 
 
-def load_rows_safely(
-    conn: psycopg.Connection[Any], result: pq.abc.PGresult, stop: int, columns: Sequence[str]
-) -> list[tuple[Any, ...]]:
-    """Rows ``0..stop`` of ``result`` with out-of-range date/time values kept as text.
-
-    Raises DatabaseError naming the column, row number (1-based) and value of a value nothing can load."""
+def load_rows_safely(conn: psycopg.Connection[Any], result: pq.abc.PGresult, stop: int) -> list[tuple[Any, ...]]:
+    """Rows ``0..stop`` of ``result``, out-of-range date/time values kept as PostgreSQL's text."""
     tx = Transformer(_Context(conn))
     tx.set_pgresult(result)
-    try:
-        return tx.load_rows(0, stop, tuple)
-    except (psycopg.DataError, ValueError, UnicodeDecodeError) as err:
-        raise _locate(tx, result, stop, columns, err) from None
-
-
-def _locate(
-    tx: Any, result: pq.abc.PGresult, stop: int, columns: Sequence[str], err: Exception
-) -> DatabaseError:
-    for row in range(stop):
-        for col in range(result.nfields):
-            raw = result.get_value(row, col)
-            if raw is None:
-                continue
-            try:
-                tx.get_loader(result.ftype(col), TEXT).load(raw)
-            except (psycopg.DataError, ValueError, UnicodeDecodeError) as cell_err:
-                value = bytes(raw)[:80].decode("utf-8", "replace")
-                name = columns[col] if col < len(columns) else str(col + 1)
-                return DatabaseError(
-                    f"column {name!r}, row {row + 1}: the value {value!r} cannot be loaded: {cell_err}",
-                    code="bad_value")
-    return DatabaseError(f"the result cannot be loaded: {err}", code="bad_value")
+    return tx.load_rows(0, stop, tuple)

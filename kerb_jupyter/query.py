@@ -164,7 +164,7 @@ def _fetch_at_once(
                 rows = cur.fetchmany(stop) if stop else []
             except (psycopg.DataError, ValueError, OverflowError):  # a value Python cannot hold: keep its text
                 assert cur.pgresult is not None
-                rows = pgtypes.load_rows_safely(conn, cur.pgresult, stop, [c.name for c in result.columns])
+                rows = pgtypes.load_rows_safely(conn, cur.pgresult, stop)
             result.truncated = limit is not None and len(rows) > limit
             result.rows = rows[:limit] if limit is not None else rows
         result.rowcount = cur.rowcount
