@@ -172,20 +172,21 @@ def table(sandbox, ticket):
     psql(sandbox, ticket, USER_TYPES.split("CREATE")[0])
 
 
-def psql(sandbox, cache, sql: str) -> str:
+def psql(sandbox, cache, sql: str, stdin: bool = False) -> str:
     server = sandbox.servers["analytics"]
     env = {**os.environ, "KRB5CCNAME": f"FILE:{cache}", "KRB5_CONFIG": str(sandbox.realm.krb5_conf),
            "PGHOST": "localhost", "PGPORT": str(server.port), "PGDATABASE": "analytics",
            "PGUSER": sandbox.principal, "PGGSSENCMODE": "prefer", "PGTZ": TZ}
     done = subprocess.run(["psql", "-X", "-v", "ON_ERROR_STOP=1", "-At", "-z", "-0", "-P", f"null={NULL}",
-                           "-c", sql], env=env, capture_output=True, timeout=60)
+                           *([] if stdin else ["-c", sql])], input=sql.encode() if stdin else None,
+                          env=env, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode()
     return done.stdout.decode()
 
 
-def psql_rows(sandbox, cache, sql: str, ncols: int) -> list[list[str]]:
+def psql_rows(sandbox, cache, sql: str, ncols: int, stdin: bool = False) -> list[list[str]]:
     """Rows as psql -At prints them (fields and records NUL-separated: no PostgreSQL text holds a NUL)."""
-    out = psql(sandbox, cache, sql)
+    out = psql(sandbox, cache, sql, stdin)
     fields = out.removesuffix("\x00").split("\x00") if out else []
     assert len(fields) % ncols == 0, out
     return [fields[i:i + ncols] for i in range(0, len(fields), ncols)]
@@ -420,3 +421,85 @@ def test_dataframes_hold_the_same_values_with_exact_dtypes(shell, table, expecte
             elif isinstance(got, pd.Timestamp):
                 got = got.to_pydatetime()
             assert same(got, want), f"DataFrame row {i + 1}, column {table[j]} ({name}): {got!r} != {want!r}"
+
+
+def test_other_statements_show_as_psql_does(shell, sandbox, ticket, table):
+    """Anonymous records, untyped literals, SHOW, VALUES and UPDATE ... RETURNING (fetched at once, rows in no
+    particular order) reach the outputs as psql prints them; headers as psql's \\gdesc names the types."""
+    returning = "id, c_date, x_kv_mood, c_money, c_timestamptz_array, c_float4"
+    statements = {
+        "SELECT ROW(1, 'a b', NULL::int, ROW(2.5::float4, 'I''m, \"fine\"'::kv_mood)) AS r, 'plain' AS u, NULL AS n":
+            None,
+        "SHOW TimeZone": None,
+        "VALUES ('sad'::kv_mood, 12.5::money, '[1,2)'::int4range, interval '1 mon', 1.5::numeric(4,1))": None,
+        f"UPDATE kv_all SET id = id WHERE id < 4 RETURNING {returning}":
+            f"SELECT {returning} FROM kv_all WHERE id < 4 ORDER BY id",
+    }
+    for sql, same_rows in statements.items():
+        result = kerbsql(shell, "", sql)
+        result.rows.sort(key=lambda r: r[0] if isinstance(r[0], int) else 0)
+        rows = psql_rows(sandbox, ticket, same_rows or sql, len(result.columns))
+        described = psql_rows(sandbox, ticket, sql + " \\gdesc", 2, stdin=True)
+        oids = psql_rows(sandbox, ticket, "SELECT " + ", ".join(f"{_lit(t, 'regtype')}::oid" for _, t in described),
+                         len(described))[0]
+        types = [(int(o), t) for o, (_, t) in zip(oids, described)]
+        check_display(result, (rows, types), [n for n, _ in described])
+        check_values(result, (rows, types))
+
+
+def test_empty_results_name_their_types_with_modifiers(shell, table, expected):
+    _, types = expected
+    result = kerbsql(shell, "", "SELECT x_numeric_12_2_, x_kv_mood, c_timestamptz, c_bpchar, x_kv_posint "
+                                "FROM kv_all WHERE false")  # streamed: no row, so the server describes it
+    want = {n: t for n, (_, t) in zip(table, types)}
+    assert [(c.name, c.type_name) for c in result.columns] == [(c.name, want[c.name]) for c in result.columns]
+    assert [c.type_name for c in result.columns] == ["numeric(12,2)", "kv_mood", "timestamp with time zone",
+                                                     "character(5)", "integer"]  # a domain reports its base type
+
+
+def test_type_names_are_looked_up_once_per_connection(sandbox, ticket, table, tmp_path, monkeypatch):
+    """The arrow path's entry point: built-in names come with the connection's set-up, a user type costs one
+    query the first time only (counted in libpq's own protocol trace)."""
+    from kerb_jupyter import db, pgtypes
+    from kerb_jupyter.config import ClusterConfig
+
+    monkeypatch.setenv("KRB5CCNAME", f"FILE:{ticket}")
+    cluster = ClusterConfig(name="analytics", **sandbox.cluster_config("analytics"))
+    with db.connect(cluster, sandbox.principal) as conn:
+        pgtypes.prepare(conn)
+        mood = conn.execute("SELECT 'kv_mood'::regtype::oid::int").fetchone()[0]
+        trace = tmp_path / "trace"
+        with trace.open("w") as f:
+            conn.pgconn.trace(f.fileno())
+            first = pgtypes.type_names(conn, [16, 1184, 1700, 1042])
+            queries_builtin = trace.read_text().count("\tParse\t")
+            assert pgtypes.type_names(conn, [mood, 16]) == {mood: "kv_mood", 16: "boolean"}
+            assert pgtypes.type_name(conn, 1700, (12 << 16) + 2 + 4) == "numeric(12,2)"
+            after_user = trace.read_text().count("\tParse\t")
+            pgtypes.type_names(conn, [mood])
+            pgtypes.type_name(conn, 1700, (12 << 16) + 2 + 4)
+            conn.pgconn.untrace()
+        again = trace.read_text().count("\tParse\t")
+    assert first == {16: "boolean", 1184: "timestamp with time zone", 1700: "numeric", 1042: "bpchar"}
+    assert (queries_builtin, after_user, again) == (0, 2, 2)
+
+
+def test_dataframe_dtypes_keep_integers_nan_and_timestamps_exact(shell):
+    frame = kerbsql(shell, "--dataframe", """
+        SELECT * FROM (VALUES
+            (9223372036854775807::int8, 'NaN'::float8, true, 32767::int2, '-2147483648'::int4, 4294967295::oid,
+             timestamp '2026-01-01 00:00:00.000001', timestamptz '0001-01-01 12:00+00', 0.1::float4),
+            (NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+            (9007199254740993, '-0'::float8, false, 0::int2, 0, 0::oid, timestamp '9999-12-31 23:59:59',
+             timestamptz '2026-06-01 12:00+00', 'Infinity'::float4)
+        ) AS t(i8, f8, b, i2, i4, o, ts, tstz, f4) ORDER BY i8 NULLS LAST""")
+    assert {c: str(t) for c, t in frame.dtypes.items()} == {
+        "i8": "Int64", "f8": "Float64", "b": "boolean", "i2": "Int16", "i4": "Int32", "o": "Int64",
+        "ts": "datetime64[us]", "tstz": f"datetime64[us, {TZ}]", "f4": "Float64"}
+    assert frame.i8.tolist() == [9007199254740993, 9223372036854775807, pd.NA]  # exact, never float64
+    f8 = frame.f8.array
+    assert math.isnan(f8[1]) and f8[2] is pd.NA and math.copysign(1, f8[0]) == -1  # NaN is not NULL
+    assert frame.f4.tolist()[:2] == [math.inf, 0.1]
+    assert frame.ts[1] == pd.Timestamp("2026-01-01 00:00:00.000001") and frame.ts[0].year == 9999
+    assert frame.tstz[1].utcoffset() == dt.timedelta(hours=5, minutes=53, seconds=28)  # local mean time, year 1
+    assert frame.b.tolist() == [False, True, pd.NA]
