@@ -23,6 +23,7 @@ from .pgtext import ARRAY_ELEMENTS, FALLIBLE_OIDS, PYTHON_TYPES
 
 __all__ = [
     "column_type_names", "load_rows_safely", "prepare", "safe_adapters", "type_name", "type_names",
+    "use_safe_loaders",
 ]
 
 TEXT = pq.Format.TEXT
@@ -154,8 +155,10 @@ def use_safe_loaders(cur: psycopg.Cursor[Any]) -> None:
             cur.adapters.register_loader(oid, loader)
 
 
-def load_rows_safely(conn: psycopg.Connection[Any], result: pq.abc.PGresult, stop: int) -> list[tuple[Any, ...]]:
-    """Rows ``0..stop`` of ``result``, out-of-range date/time values kept as PostgreSQL's text."""
+def load_rows_safely(
+    conn: psycopg.Connection[Any], result: pq.abc.PGresult, start: int, stop: int
+) -> list[tuple[Any, ...]]:
+    """Rows ``start..stop`` of ``result``, out-of-range date/time values kept as PostgreSQL's text."""
     tx = Transformer(_Context(conn))
     tx.set_pgresult(result)
-    return tx.load_rows(0, stop, tuple)
+    return tx.load_rows(start, stop, tuple)

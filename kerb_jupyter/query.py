@@ -160,15 +160,30 @@ def _fetch_at_once(
             stop = cur.pgresult.ntuples if cur.pgresult is not None else 0
             if limit is not None:
                 stop = min(stop, limit + 1)
-            try:
-                rows = cur.fetchmany(stop) if stop else []
-            except (psycopg.DataError, ValueError, OverflowError):  # a value Python cannot hold: keep its text
-                assert cur.pgresult is not None
-                rows = pgtypes.load_rows_safely(conn, cur.pgresult, stop)
+            rows = _load_rows(conn, cur, stop)
             result.truncated = limit is not None and len(rows) > limit
             result.rows = rows[:limit] if limit is not None else rows
         result.rowcount = cur.rowcount
         result.status = cur.statusmessage or ""
+
+
+LOAD_CHUNK = 10_000
+
+
+def _load_rows(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], stop: int) -> list[tuple[Any, ...]]:
+    """The first ``stop`` rows of the cursor's result, with psycopg's fast loaders; a chunk holding a value
+    Python cannot hold (``infinity``, a BC date) is loaded again keeping that value's text."""
+    rows: list[tuple[Any, ...]] = []
+    while len(rows) < stop:
+        start, size = len(rows), min(LOAD_CHUNK, stop - len(rows))
+        try:
+            rows.extend(cur.fetchmany(size))
+        except (psycopg.DataError, ValueError, OverflowError):
+            assert cur.pgresult is not None
+            rows.extend(pgtypes.load_rows_safely(conn, cur.pgresult, start, start + size))
+            if start + size < cur.pgresult.ntuples:
+                cur.scroll(start + size, "absolute")
+    return rows
 
 
 def _fetch_streaming(

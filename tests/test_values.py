@@ -503,3 +503,16 @@ def test_dataframe_dtypes_keep_integers_nan_and_timestamps_exact(shell):
     assert frame.ts[1] == pd.Timestamp("2026-01-01 00:00:00.000001") and frame.ts[0].year == 9999
     assert frame.tstz[1].utcoffset() == dt.timedelta(hours=5, minutes=53, seconds=28)  # local mean time, year 1
     assert frame.b.tolist() == [False, True, pd.NA]
+
+
+def test_a_value_python_cannot_hold_deep_in_a_big_result_is_text_for_that_value_alone(shell):
+    """-o fetches everything with the fast loaders; the chunk with ``infinity`` is loaded again, in place."""
+    kerbsql(shell, "-o big --quiet", """
+        SELECT g, CASE WHEN g IN (15000, 25000) THEN 'infinity'::date ELSE date '2000-01-01' + g END AS d,
+               CASE WHEN g = 15001 THEN '24:00:00'::time ELSE time '12:00' END AS t
+        FROM generate_series(1, 25000) AS g ORDER BY g""")
+    rows = shell.user_ns["big"].rows
+    assert [r[0] for r in rows] == list(range(1, 25001))
+    assert all(r[1] == ("infinity" if r[0] in (15000, 25000) else dt.date(2000, 1, 1) + dt.timedelta(days=r[0]))
+               for r in rows)
+    assert [r[2] for r in rows if not isinstance(r[2], dt.time)] == ["24:00:00"] and rows[15000][2] == "24:00:00"
