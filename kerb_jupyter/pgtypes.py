@@ -2,10 +2,11 @@
 every value either an exact Python value or PostgreSQL's own text for it.
 
 Results are fetched in text format. Only the types in ``pgtext.PYTHON_TYPES`` become Python objects (with
-psycopg's C loaders); every other type (enums, money, xml, arrays, json, intervals, user types...) stays the
-server's text, which is exactly what psql prints. A value the fast loaders cannot hold (``infinity``, BC
-dates, years after 9999, ``24:00:00``) makes :func:`load_rows_safely` reload the result with loaders that
-keep that value's text instead.
+psycopg's C loaders); every other type (enums, money, xml, json, intervals, user types...) stays the server's
+text, which is exactly what psql prints. The connection's date/time loaders keep a value Python cannot hold
+(``infinity``, BC dates, years after 9999, ``24:00:00``) as its text; they cost a Python call per value, so
+:func:`load_rows` loads big results with psycopg's plain C loaders and falls back to them only for a chunk
+that needs it.
 """
 
 from __future__ import annotations
@@ -21,16 +22,13 @@ from psycopg.types.string import TextLoader
 
 from .pgtext import ARRAY_ELEMENTS, FALLIBLE_OIDS, PYTHON_TYPES
 
-__all__ = [
-    "column_type_names", "load_rows_safely", "prepare", "safe_adapters", "type_name", "type_names",
-    "use_safe_loaders",
-]
+__all__ = ["column_type_names", "load_rows", "prepare", "type_name", "type_names"]
 
 TEXT = pq.Format.TEXT
 FIRST_USER_OID = 16384  # FirstNormalObjectId: built-in objects have smaller OIDs, stable across versions
 
 _NAMES: weakref.WeakKeyDictionary[Any, dict[tuple[int, int], str]] = weakref.WeakKeyDictionary()
-_SAFE: weakref.WeakKeyDictionary[Any, AdaptersMap] = weakref.WeakKeyDictionary()
+_FAST: weakref.WeakKeyDictionary[Any, AdaptersMap] = weakref.WeakKeyDictionary()
 
 _SEED_SQL = "SELECT oid::int8, -1, format_type(oid, -1) FROM pg_type WHERE oid < %s"
 _LOOKUP_SQL = (
@@ -41,7 +39,7 @@ _LOOKUP_SQL = (
 def prepare(conn: psycopg.Connection[Any]) -> None:
     """Set up ``conn`` once: text loaders for every type psycopg would turn into something else than its exact
     value, and the names of the built-in types (one query, only outside a transaction)."""
-    if conn in _SAFE:
+    if conn in _FAST:
         return
     adapters = conn.adapters
     for info in adapters.types:
@@ -53,7 +51,11 @@ def prepare(conn: psycopg.Connection[Any]) -> None:
         base = adapters.get_loader(oid, TEXT)
         if base is not None:
             adapters.register_loader(oid, type(f"Bounded_{oid}", (_Bounded,), {"base": base, "format": TEXT}))
-    _SAFE[conn] = _make_safe(adapters)
+    _FAST[conn] = AdaptersMap(adapters)  # before the wrappers below: psycopg's C date/time loaders
+    for oid in FALLIBLE_OIDS:
+        base = adapters.get_loader(oid, TEXT)
+        if base is not None:
+            adapters.register_loader(oid, type(f"KeepText_{oid}", (_KeepText,), {"base": base, "format": TEXT}))
     if conn.info.transaction_status == pq.TransactionStatus.IDLE:
         _seed(conn)
 
@@ -124,41 +126,23 @@ class _KeepText(_Wrapper):
             return bytes(data).decode(self._encoding)
 
 
-def _make_safe(adapters: AdaptersMap) -> AdaptersMap:
-    safe = AdaptersMap(adapters)
-    for oid in FALLIBLE_OIDS:
-        base = adapters.get_loader(oid, TEXT)
-        if base is not None:
-            safe.register_loader(oid, type(f"KeepText_{oid}", (_KeepText,), {"base": base, "format": TEXT}))
-    return safe
-
-
-def safe_adapters(conn: psycopg.Connection[Any]) -> AdaptersMap:
-    """The connection's loaders with the date/time ones keeping out-of-range values as text."""
-    prepare(conn)
-    return _SAFE[conn]
-
-
 class _Context:
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], adapters: AdaptersMap) -> None:
         self.connection = conn
-        self.adapters = safe_adapters(conn)
+        self.adapters = adapters
 
 
-def use_safe_loaders(cur: psycopg.Cursor[Any]) -> None:
-    """Make ``cur`` load out-of-range date/time values as text (for small results: costs a Python call per
-    date/time value)."""
-    safe = safe_adapters(cur.connection)
-    for oid in FALLIBLE_OIDS:
-        loader = safe.get_loader(oid, TEXT)
-        if loader is not None:
-            cur.adapters.register_loader(oid, loader)
-
-
-def load_rows_safely(
+def load_rows(
     conn: psycopg.Connection[Any], result: pq.abc.PGresult, start: int, stop: int
 ) -> list[tuple[Any, ...]]:
-    """Rows ``start..stop`` of ``result``, out-of-range date/time values kept as PostgreSQL's text."""
-    tx = Transformer(_Context(conn))
+    """Rows ``start..stop`` of ``result`` (from a text-format cursor on ``conn``): with psycopg's C loaders,
+    or, if a value does not fit them, with the connection's, which keep that value's text."""
+    prepare(conn)
+    tx = Transformer(_Context(conn, _FAST[conn]))
     tx.set_pgresult(result)
-    return tx.load_rows(start, stop, tuple)
+    try:
+        return tx.load_rows(start, stop, tuple)
+    except (psycopg.DataError, ValueError, OverflowError):
+        tx = Transformer(_Context(conn, conn.adapters))
+        tx.set_pgresult(result)
+        return tx.load_rows(start, stop, tuple)

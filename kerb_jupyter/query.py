@@ -171,18 +171,13 @@ LOAD_CHUNK = 10_000
 
 
 def _load_rows(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], stop: int) -> list[tuple[Any, ...]]:
-    """The first ``stop`` rows of the cursor's result, with psycopg's fast loaders; a chunk holding a value
+    """The first ``stop`` rows of the cursor's result, with psycopg's C loaders; a chunk holding a value
     Python cannot hold (``infinity``, a BC date) is loaded again keeping that value's text."""
     rows: list[tuple[Any, ...]] = []
-    while len(rows) < stop:
-        start, size = len(rows), min(LOAD_CHUNK, stop - len(rows))
-        try:
-            rows.extend(cur.fetchmany(size))
-        except (psycopg.DataError, ValueError, OverflowError):
-            assert cur.pgresult is not None
-            rows.extend(pgtypes.load_rows_safely(conn, cur.pgresult, start, start + size))
-            if start + size < cur.pgresult.ntuples:
-                cur.scroll(start + size, "absolute")
+    result = cur.pgresult
+    for start in range(0, stop, LOAD_CHUNK):
+        assert result is not None
+        rows.extend(pgtypes.load_rows(conn, result, start, min(start + LOAD_CHUNK, stop)))
     return rows
 
 
@@ -196,7 +191,6 @@ def _fetch_streaming(
     """
     described: list[tuple[str, int, int]] = []
     with conn.cursor() as cur:
-        pgtypes.use_safe_loaders(cur)
         rows: list[tuple[Any, ...]] = []
         stream = cast(Generator[Any, None, None], cur.stream(sql, params, size=min(limit + 1, 1000)))
         try:
@@ -248,7 +242,6 @@ def _fetch_through_server_cursor(
     ok = False
     try:
         with conn.cursor(name=CURSOR_NAME) as cur:
-            pgtypes.use_safe_loaders(cur)
             cur.itersize = limit + 1
             cur.execute(sql, params)
             assert cur.description is not None
