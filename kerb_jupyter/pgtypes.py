@@ -11,16 +11,20 @@ that needs it.
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
+import re
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 from psycopg import pq
 from psycopg.adapt import AdaptersMap, Loader, Transformer
 from psycopg.types.string import TextLoader
 
-from .pgtext import ARRAY_ELEMENTS, FALLIBLE_OIDS, PYTHON_TYPES
+from .pgtext import ARRAY_ELEMENTS, FALLIBLE_OIDS, PYTHON_TYPES, TIMESTAMPTZ
 
 __all__ = ["column_type_names", "load_rows", "prepare", "type_name", "type_names"]
 
@@ -55,7 +59,8 @@ def prepare(conn: psycopg.Connection[Any]) -> None:
     for oid in FALLIBLE_OIDS:
         base = adapters.get_loader(oid, TEXT)
         if base is not None:
-            adapters.register_loader(oid, type(f"KeepText_{oid}", (_KeepText,), {"base": base, "format": TEXT}))
+            keep = _KeepTimestamptz if oid == TIMESTAMPTZ else _KeepText
+            adapters.register_loader(oid, type(f"KeepText_{oid}", (keep,), {"base": base, "format": TEXT}))
     if conn.info.transaction_status == pq.TransactionStatus.IDLE:
         _seed(conn)
 
@@ -126,6 +131,50 @@ class _KeepText(_Wrapper):
             return bytes(data).decode(self._encoding)
 
 
+class _KeepTimestamptz(_KeepText):
+    """psycopg puts timestamptz values in the session's time zone, or in UTC with a warning when Python does
+    not know that zone (``SET TIME ZONE INTERVAL '+02:30'``, POSIX rules): then each value keeps the offset
+    PostgreSQL printed for it, as psql shows it."""
+
+    def __init__(self, oid: int, context: Any = None) -> None:
+        conn = context.connection if context is not None else None
+        if conn is None or session_zone_known(conn):
+            super().__init__(oid, context)
+        else:
+            Loader.__init__(self, oid, context)
+            self._load, self._encoding = _fixed_offset_timestamp, conn.info.encoding
+
+
+_TIMESTAMP = re.compile(
+    rb"(\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?([+-])(\d\d)(?::(\d\d))?(?::(\d\d))?")
+
+
+def _fixed_offset_timestamp(data: Any) -> dt.datetime:
+    """``2026-01-01 02:30:00+02:30`` as an aware datetime with that fixed offset; ValueError otherwise."""
+    m = _TIMESTAMP.fullmatch(bytes(data))
+    if m is None:
+        raise ValueError("not an ISO timestamp Python can hold")
+    y, mo, d, h, mi, sec, frac, sign, oh, om, osec = m.groups()
+    offset = dt.timedelta(hours=int(oh), minutes=int(om or 0), seconds=int(osec or 0))
+    zone = dt.timezone(-offset if sign == b"-" else offset)
+    micro = int((frac or b"0").ljust(6, b"0"))
+    return dt.datetime(int(y), int(mo), int(d), int(h), int(mi), int(sec), micro, tzinfo=zone)
+
+
+def session_zone_known(conn: psycopg.Connection[Any]) -> bool:
+    """Whether Python's zoneinfo knows the session's TimeZone (psycopg uses UTC, and warns, when not)."""
+    return _zone_known(conn.pgconn.parameter_status(b"TimeZone") or b"UTC")
+
+
+@functools.lru_cache(maxsize=64)
+def _zone_known(name: bytes) -> bool:
+    try:
+        ZoneInfo(name.decode())
+    except (KeyError, OSError, ValueError):
+        return False
+    return True
+
+
 class _Context:
     def __init__(self, conn: psycopg.Connection[Any], adapters: AdaptersMap) -> None:
         self.connection = conn
@@ -138,11 +187,19 @@ def load_rows(
     """Rows ``start..stop`` of ``result`` (from a text-format cursor on ``conn``): with psycopg's C loaders,
     or, if a value does not fit them, with the connection's, which keep that value's text."""
     prepare(conn)
+    if not session_zone_known(conn):  # psycopg's C timestamptz loader would use UTC
+        return _load(conn, conn.adapters, result, start, stop)
     tx = Transformer(_Context(conn, _FAST[conn]))
     tx.set_pgresult(result)
     try:
         return tx.load_rows(start, stop, tuple)
     except (psycopg.DataError, ValueError, OverflowError):
-        tx = Transformer(_Context(conn, conn.adapters))
-        tx.set_pgresult(result)
-        return tx.load_rows(start, stop, tuple)
+        return _load(conn, conn.adapters, result, start, stop)
+
+
+def _load(
+    conn: psycopg.Connection[Any], adapters: AdaptersMap, result: pq.abc.PGresult, start: int, stop: int
+) -> list[tuple[Any, ...]]:
+    tx = Transformer(_Context(conn, adapters))
+    tx.set_pgresult(result)
+    return tx.load_rows(start, stop, tuple)

@@ -172,11 +172,11 @@ def table(sandbox, ticket):
     psql(sandbox, ticket, USER_TYPES.split("CREATE")[0])
 
 
-def psql(sandbox, cache, sql: str, stdin: bool = False) -> str:
+def psql(sandbox, cache, sql: str, stdin: bool = False, tz: str = TZ) -> str:
     server = sandbox.servers["analytics"]
     env = {**os.environ, "KRB5CCNAME": f"FILE:{cache}", "KRB5_CONFIG": str(sandbox.realm.krb5_conf),
            "PGHOST": "localhost", "PGPORT": str(server.port), "PGDATABASE": "analytics",
-           "PGUSER": sandbox.principal, "PGGSSENCMODE": "prefer", "PGTZ": TZ}
+           "PGUSER": sandbox.principal, "PGGSSENCMODE": "prefer", "PGTZ": tz}
     done = subprocess.run(["psql", "-X", "-v", "ON_ERROR_STOP=1", "-At", "-z", "-0", "-P", f"null={NULL}",
                            *([] if stdin else ["-c", sql])], input=sql.encode() if stdin else None,
                           env=env, capture_output=True, timeout=60)
@@ -184,9 +184,9 @@ def psql(sandbox, cache, sql: str, stdin: bool = False) -> str:
     return done.stdout.decode()
 
 
-def psql_rows(sandbox, cache, sql: str, ncols: int, stdin: bool = False) -> list[list[str]]:
+def psql_rows(sandbox, cache, sql: str, ncols: int, stdin: bool = False, tz: str = TZ) -> list[list[str]]:
     """Rows as psql -At prints them (fields and records NUL-separated: no PostgreSQL text holds a NUL)."""
-    out = psql(sandbox, cache, sql, stdin)
+    out = psql(sandbox, cache, sql, stdin, tz)
     fields = out.removesuffix("\x00").split("\x00") if out else []
     assert len(fields) % ncols == 0, out
     return [fields[i:i + ncols] for i in range(0, len(fields), ncols)]
@@ -204,8 +204,8 @@ def shell(sandbox, ticket, tmp_path, monkeypatch):
     InteractiveShell.clear_instance()
 
 
-def kerbsql(shell, options: str, sql: str) -> Any:
-    res = shell.run_cell(f"%%kerbsql analytics {options}\nSET TIME ZONE '{TZ}';\n{sql}")
+def kerbsql(shell, options: str, sql: str, tz: str = TZ) -> Any:
+    res = shell.run_cell(f"%%kerbsql analytics {options}\nSET TIME ZONE '{tz}';\n{sql}")
     assert res.success, res.error_in_exec
     return res.result
 
@@ -515,3 +515,16 @@ def test_a_value_python_cannot_hold_deep_in_a_big_result_is_text_for_that_value_
     assert all(r[1] == ("infinity" if r[0] in (15000, 25000) else dt.date(2000, 1, 1) + dt.timedelta(days=r[0]))
                for r in rows)
     assert [r[2] for r in rows if not isinstance(r[2], dt.time)] == ["24:00:00"] and rows[15000][2] == "24:00:00"
+
+
+@pytest.mark.parametrize("zone", ["<+02:30>-02:30", "UTC+3"])
+def test_a_session_time_zone_python_does_not_know_keeps_psqls_offsets(shell, sandbox, ticket, table, zone, caplog):
+    """psycopg would show such timestamps in UTC (and warn); each value keeps the offset PostgreSQL gives it."""
+    sql = "SELECT id, c_timestamptz, c_timestamptz_array FROM kv_all ORDER BY id"
+    rows = psql_rows(sandbox, ticket, sql, 3, tz=zone)
+    types = [(INT4, "integer"), (TIMESTAMPTZ, "timestamp with time zone"), (1185, "timestamp with time zone[]")]
+    for options in ("", "-o r --quiet"):
+        result = kerbsql(shell, options, sql, tz=zone) or shell.user_ns["r"]
+        check_display(result, (rows, types), ["id", "c_timestamptz", "c_timestamptz_array"])
+        check_values(result, (rows, types))
+    assert isinstance(result.rows[0][1], dt.datetime) and "unknown PostgreSQL timezone" not in caplog.text
