@@ -24,12 +24,15 @@ from psycopg import pq
 from psycopg.adapt import AdaptersMap, Loader, Transformer
 from psycopg.types.string import TextLoader
 
-from .pgtext import ARRAY_ELEMENTS, FALLIBLE_OIDS, PYTHON_TYPES, TIMESTAMPTZ
+from .pgtext import ARRAY_ELEMENTS, FALLIBLE_OIDS, PYTHON_TYPES, TIME, TIMESTAMPTZ
 
 __all__ = ["column_type_names", "load_rows", "prepare", "type_name", "type_names"]
 
 TEXT = pq.Format.TEXT
 FIRST_USER_OID = 16384  # FirstNormalObjectId: built-in objects have smaller OIDs, stable across versions
+
+# What psycopg's loaders raise for a value Python cannot hold, or a DateStyle they cannot parse.
+_CANNOT_HOLD = (psycopg.DataError, ValueError, OverflowError, NotImplementedError)
 
 _NAMES: weakref.WeakKeyDictionary[Any, dict[tuple[int, int], str]] = weakref.WeakKeyDictionary()
 _FAST: weakref.WeakKeyDictionary[Any, AdaptersMap] = weakref.WeakKeyDictionary()
@@ -59,7 +62,7 @@ def prepare(conn: psycopg.Connection[Any]) -> None:
     for oid in FALLIBLE_OIDS:
         base = adapters.get_loader(oid, TEXT)
         if base is not None:
-            keep = _KeepTimestamptz if oid == TIMESTAMPTZ else _KeepText
+            keep = {TIMESTAMPTZ: _KeepTimestamptz, TIME: _KeepText}.get(oid, _KeepDateText)
             adapters.register_loader(oid, type(f"KeepText_{oid}", (keep,), {"base": base, "format": TEXT}))
     if conn.info.transaction_status == pq.TransactionStatus.IDLE:
         _seed(conn)
@@ -127,22 +130,43 @@ class _KeepText(_Wrapper):
     def load(self, data: Any) -> Any:
         try:
             return self._load(data)
-        except (psycopg.DataError, ValueError, OverflowError):
+        except _CANNOT_HOLD:
             return bytes(data).decode(self._encoding)
 
 
-class _KeepTimestamptz(_KeepText):
+def _as_text(data: Any) -> Any:
+    raise ValueError("kept as text")
+
+
+class _KeepDateText(_KeepText):
+    """Dates and timestamps: psycopg parses a non-ISO DateStyle (``11/22/2026``, ``22.11.2026``) but the
+    table would then show ISO; psql shows the session's style, so with one every value stays its text."""
+
+    def __init__(self, oid: int, context: Any = None) -> None:
+        conn = context.connection if context is not None else None
+        if conn is not None and not iso_datestyle(conn):
+            self._text_only(oid, context, _as_text)
+        else:
+            self._parsed(oid, context, conn)
+
+    def _parsed(self, oid: int, context: Any, conn: Any) -> None:
+        super().__init__(oid, context)
+
+    def _text_only(self, oid: int, context: Any, load: Any) -> None:
+        Loader.__init__(self, oid, context)
+        self._load, self._encoding = load, context.connection.info.encoding
+
+
+class _KeepTimestamptz(_KeepDateText):
     """psycopg puts timestamptz values in the session's time zone, or in UTC with a warning when Python does
     not know that zone (``SET TIME ZONE INTERVAL '+02:30'``, POSIX rules): then each value keeps the offset
     PostgreSQL printed for it, as psql shows it."""
 
-    def __init__(self, oid: int, context: Any = None) -> None:
-        conn = context.connection if context is not None else None
+    def _parsed(self, oid: int, context: Any, conn: Any) -> None:
         if conn is None or session_zone_known(conn):
-            super().__init__(oid, context)
+            _KeepText.__init__(self, oid, context)
         else:
-            Loader.__init__(self, oid, context)
-            self._load, self._encoding = _fixed_offset_timestamp, conn.info.encoding
+            self._text_only(oid, context, _fixed_offset_timestamp)
 
 
 _TIMESTAMP = re.compile(
@@ -159,6 +183,11 @@ def _fixed_offset_timestamp(data: Any) -> dt.datetime:
     zone = dt.timezone(-offset if sign == b"-" else offset)
     micro = int((frac or b"0").ljust(6, b"0"))
     return dt.datetime(int(y), int(mo), int(d), int(h), int(mi), int(sec), micro, tzinfo=zone)
+
+
+def iso_datestyle(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the session's DateStyle is ISO (the default), the one style shown as Python's dates are."""
+    return (conn.pgconn.parameter_status(b"DateStyle") or b"ISO").startswith(b"ISO")
 
 
 def session_zone_known(conn: psycopg.Connection[Any]) -> bool:
@@ -187,13 +216,13 @@ def load_rows(
     """Rows ``start..stop`` of ``result`` (from a text-format cursor on ``conn``): with psycopg's C loaders,
     or, if a value does not fit them, with the connection's, which keep that value's text."""
     prepare(conn)
-    if not session_zone_known(conn):  # psycopg's C timestamptz loader would use UTC
+    if not (iso_datestyle(conn) and session_zone_known(conn)):  # the C loaders would show something else
         return _load(conn, conn.adapters, result, start, stop)
     tx = Transformer(_Context(conn, _FAST[conn]))
     tx.set_pgresult(result)
     try:
         return tx.load_rows(start, stop, tuple)
-    except (psycopg.DataError, ValueError, OverflowError):
+    except _CANNOT_HOLD:
         return _load(conn, conn.adapters, result, start, stop)
 
 

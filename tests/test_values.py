@@ -172,11 +172,11 @@ def table(sandbox, ticket):
     psql(sandbox, ticket, USER_TYPES.split("CREATE")[0])
 
 
-def psql(sandbox, cache, sql: str, stdin: bool = False, tz: str = TZ) -> str:
+def psql(sandbox, cache, sql: str, stdin: bool = False, tz: str = TZ, datestyle: str = "ISO, MDY") -> str:
     server = sandbox.servers["analytics"]
     env = {**os.environ, "KRB5CCNAME": f"FILE:{cache}", "KRB5_CONFIG": str(sandbox.realm.krb5_conf),
            "PGHOST": "localhost", "PGPORT": str(server.port), "PGDATABASE": "analytics",
-           "PGUSER": sandbox.principal, "PGGSSENCMODE": "prefer", "PGTZ": tz}
+           "PGUSER": sandbox.principal, "PGGSSENCMODE": "prefer", "PGTZ": tz, "PGDATESTYLE": datestyle}
     done = subprocess.run(["psql", "-X", "-v", "ON_ERROR_STOP=1", "-At", "-z", "-0", "-P", f"null={NULL}",
                            *([] if stdin else ["-c", sql])], input=sql.encode() if stdin else None,
                           env=env, capture_output=True, timeout=60)
@@ -184,9 +184,10 @@ def psql(sandbox, cache, sql: str, stdin: bool = False, tz: str = TZ) -> str:
     return done.stdout.decode()
 
 
-def psql_rows(sandbox, cache, sql: str, ncols: int, stdin: bool = False, tz: str = TZ) -> list[list[str]]:
+def psql_rows(sandbox, cache, sql: str, ncols: int, stdin: bool = False, tz: str = TZ,
+              datestyle: str = "ISO, MDY") -> list[list[str]]:
     """Rows as psql -At prints them (fields and records NUL-separated: no PostgreSQL text holds a NUL)."""
-    out = psql(sandbox, cache, sql, stdin, tz)
+    out = psql(sandbox, cache, sql, stdin, tz, datestyle)
     fields = out.removesuffix("\x00").split("\x00") if out else []
     assert len(fields) % ncols == 0, out
     return [fields[i:i + ncols] for i in range(0, len(fields), ncols)]
@@ -528,3 +529,17 @@ def test_a_session_time_zone_python_does_not_know_keeps_psqls_offsets(shell, san
         check_display(result, (rows, types), ["id", "c_timestamptz", "c_timestamptz_array"])
         check_values(result, (rows, types))
     assert isinstance(result.rows[0][1], dt.datetime) and "unknown PostgreSQL timezone" not in caplog.text
+
+
+@pytest.mark.parametrize("style", ["SQL, DMY", "German", "Postgres, MDY"])
+def test_a_non_iso_datestyle_shows_as_psql_shows_it(shell, sandbox, ticket, table, expected, style):
+    """psycopg would parse these styles into dates the table then shows in ISO: they stay the session's text."""
+    names = ["id", "c_date", "c_date_array", "c_time", "c_timestamp", "c_timestamptz", "c_timestamptz_array"]
+    sql = f"SELECT {', '.join(names)} FROM kv_all ORDER BY id"
+    rows = psql_rows(sandbox, ticket, sql, len(names), datestyle=style)
+    types = [expected[1][table.index(n)] for n in names]
+    for options in ("", "-o r --quiet"):
+        result = kerbsql(shell, options, f"SET DateStyle = '{style}';\n{sql}") or shell.user_ns["r"]
+        check_display(result, (rows, types), names)
+        check_values(result, (rows, types))
+    assert isinstance(result.rows[0][3], dt.time)  # time does not depend on DateStyle
