@@ -43,8 +43,6 @@ from kerb_jupyter import tickets
 
 
 @pytest.fixture(scope="module")
-
-
 def ticket(sandbox, tmp_path_factory):
     cache = tmp_path_factory.mktemp("values") / "krb5cc"
     tickets.acquire_with_keytab(sandbox.principal, sandbox.keytab, cache)
@@ -52,8 +50,6 @@ def ticket(sandbox, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-
-
 def table(sandbox, ticket):
     """The all-types table, created over psql with the test ticket; yields its column names."""
     psql(sandbox, ticket, USER_TYPES)
@@ -76,8 +72,6 @@ def table(sandbox, ticket):
 
 
 @pytest.fixture
-
-
 def shell(sandbox, ticket, tmp_path, monkeypatch):
     config = write_config(tmp_path / "kerb_jupyter.json", sandbox)
     monkeypatch.setenv("KRB5CCNAME", f"FILE:{ticket}")
@@ -99,8 +93,6 @@ QUERY = "SELECT * FROM kv_all ORDER BY id"
 
 
 @pytest.fixture(scope="module")
-
-
 def expected(sandbox, ticket, table):
     """psql's rows of the table, and each column's (type OID, type name) as the result reports them."""
     rows = psql_rows(sandbox, ticket, QUERY, len(table))
@@ -257,8 +249,6 @@ def test_a_value_python_cannot_hold_deep_in_a_big_result_is_text_for_that_value_
 
 
 @pytest.mark.parametrize("zone", ["<+02:30>-02:30", "UTC+3"])
-
-
 def test_a_session_time_zone_python_does_not_know_keeps_psqls_offsets(shell, sandbox, ticket, table, zone, caplog):
     """psycopg would show such timestamps in UTC (and warn); each value keeps the offset PostgreSQL gives it."""
     sql = "SELECT id, c_timestamptz, c_timestamptz_array FROM kv_all ORDER BY id"
@@ -272,8 +262,6 @@ def test_a_session_time_zone_python_does_not_know_keeps_psqls_offsets(shell, san
 
 
 @pytest.mark.parametrize("style", ["SQL, DMY", "German", "Postgres, MDY"])
-
-
 def test_a_non_iso_datestyle_shows_as_psql_shows_it(shell, sandbox, ticket, table, expected, style):
     """psycopg would parse these styles into dates the table then shows in ISO: they stay the session's text."""
     names = ["id", "c_date", "c_date_array", "c_time", "c_timestamp", "c_timestamptz", "c_timestamptz_array"]
