@@ -25,6 +25,7 @@ from psycopg.adapt import AdaptersMap, Loader, Transformer
 from psycopg.types.string import TextLoader
 
 from .pgtext import ARRAY_ELEMENTS, FALLIBLE_OIDS, PYTHON_TYPES, TIME, TIMESTAMPTZ
+from .tagging import tag_statement
 
 __all__ = ["column_type_names", "load_rows", "prepare", "type_name", "type_names"]
 
@@ -36,6 +37,7 @@ _CANNOT_HOLD = (psycopg.DataError, ValueError, OverflowError, NotImplementedErro
 
 _NAMES: weakref.WeakKeyDictionary[Any, dict[tuple[int, int], str]] = weakref.WeakKeyDictionary()
 _FAST: weakref.WeakKeyDictionary[Any, AdaptersMap] = weakref.WeakKeyDictionary()
+_COMMENT: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()  # the tag of the lookups
 
 _SEED_SQL = "SELECT oid::int8, -1, format_type(oid, -1) FROM pg_type WHERE oid < %s"
 _LOOKUP_SQL = (
@@ -43,9 +45,12 @@ _LOOKUP_SQL = (
 )
 
 
-def prepare(conn: psycopg.Connection[Any]) -> None:
+def prepare(conn: psycopg.Connection[Any], comment: str | None = None) -> None:
     """Set up ``conn`` once: text loaders for every type psycopg would turn into something else than its exact
-    value, and the names of the built-in types (one query, only outside a transaction)."""
+    value, and the names of the built-in types (one query, only outside a transaction). ``comment``, when
+    given, is the sqlcommenter tag put on the type-name queries made on ``conn`` from then on."""
+    if comment is not None:
+        _COMMENT[conn] = comment
     if conn in _FAST:
         return
     adapters = conn.adapters
@@ -71,8 +76,12 @@ def prepare(conn: psycopg.Connection[Any]) -> None:
 def _seed(conn: psycopg.Connection[Any]) -> None:
     names = _NAMES.setdefault(conn, {})
     with conn.cursor() as cur:
-        for oid, mod, name in cur.execute(_SEED_SQL, (FIRST_USER_OID,), prepare=False):
+        for oid, mod, name in cur.execute(_tagged(conn, _SEED_SQL), (FIRST_USER_OID,), prepare=False):
             names[(int(oid), int(mod))] = name
+
+
+def _tagged(conn: psycopg.Connection[Any], sql: str) -> Any:
+    return tag_statement(sql, _COMMENT.get(conn, ""), True)
 
 
 def type_names(conn: psycopg.Connection[Any], oids: Iterable[int]) -> dict[int, str]:
@@ -92,7 +101,7 @@ def column_type_names(conn: psycopg.Connection[Any], types: Sequence[tuple[int, 
     missing = [t for t in dict.fromkeys(types) if t not in names]
     if missing:
         with conn.cursor() as cur:
-            cur.execute(_LOOKUP_SQL, ([o for o, _ in missing], [m for _, m in missing]), prepare=False)
+            cur.execute(_tagged(conn, _LOOKUP_SQL), ([o for o, _ in missing], [m for _, m in missing]), prepare=False)
             for oid, mod, name in cur:
                 names[(int(oid), int(mod))] = name if name is not None else str(oid)
     return [names.get(t, str(t[0])) for t in types]

@@ -57,7 +57,7 @@ def run_sql(
     if not plan:
         raise ConfigError("the cell has no SQL statement to run")
     prepared = [_bind(step, namespace) for step in plan]  # all names checked before anything runs
-    pgtypes.prepare(conn)
+    pgtypes.prepare(conn, opts.comment)
     results: list[ResultSet] = []
     if opts.timeout:
         conn.execute(pgsql.SQL("SET statement_timeout = {}").format(int(opts.timeout * 1000)))

@@ -273,3 +273,15 @@ def test_a_non_iso_datestyle_shows_as_psql_shows_it(shell, sandbox, ticket, tabl
         check_display(result, (rows, types), names)
         check_values(result, (rows, types))
     assert isinstance(result.rows[0][3], dt.time)  # time does not depend on DateStyle
+
+
+def test_type_name_lookups_carry_the_statement_tag(shell, sandbox, table):
+    """The catalog queries made for headers are tagged like the user's statements (log_statement = all)."""
+    def lookups() -> tuple[int, int]:
+        lines = [x for x in sandbox.servers["analytics"].log_text().splitlines() if "format_type(" in x]
+        tagged = sum("/*app='kerb_jupyter'" in x for x in lines)
+        return tagged, len(lines) - tagged
+    before = lookups()
+    kerbsql(shell, "", "SELECT x_kv_mood, x_kv_pair FROM kv_all")  # a new connection: built-ins, then user types
+    after = lookups()
+    assert after[0] >= before[0] + 2 and after[1] == before[1]
