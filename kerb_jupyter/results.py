@@ -40,14 +40,10 @@ class ResultSet:
         """A DataFrame with one column per result column; dtypes as in the README (integers stay exact)."""
         import pandas as pd
 
-        names = [c.name for c in self.columns]
-        if len(set(names)) != len(names):  # SELECT 1 AS a, 2 AS a: keep both, as from_records did
-            frame = pd.DataFrame({i: pandas_column([r[i] for r in self.rows], c.oid)
-                                  for i, c in enumerate(self.columns)})
-            frame.columns = names
-            return frame
-        return pd.DataFrame({c.name: pandas_column([r[i] for r in self.rows], c.oid)
-                             for i, c in enumerate(self.columns)})
+        frame = pd.DataFrame({i: pandas_column([r[i] for r in self.rows], c.oid)
+                              for i, c in enumerate(self.columns)})
+        frame.columns = [c.name for c in self.columns]  # by position: SELECT 1 AS a, 2 AS a keeps both
+        return frame
 
     def __len__(self) -> int:
         return len(self.rows)

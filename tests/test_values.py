@@ -285,3 +285,10 @@ def test_type_name_lookups_carry_the_statement_tag(shell, sandbox, table):
     kerbsql(shell, "", "SELECT x_kv_mood, x_kv_pair FROM kv_all")  # a new connection: built-ins, then user types
     after = lookups()
     assert after[0] >= before[0] + 2 and after[1] == before[1]
+
+
+def test_dataframes_keep_duplicate_column_names_and_empty_results_typed(shell):
+    frame = kerbsql(shell, "--dataframe", "SELECT 1 AS a, NULL::int8 AS a, 'x' AS b")
+    assert list(frame.columns) == ["a", "a", "b"] and [str(t) for t in frame.dtypes[:2]] == ["Int32", "Int64"]
+    empty = kerbsql(shell, "--dataframe", "SELECT 1::int2 AS n, 1.5::float8 AS f WHERE false")
+    assert len(empty) == 0 and [str(t) for t in empty.dtypes] == ["Int16", "Float64"]
