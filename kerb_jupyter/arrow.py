@@ -8,6 +8,7 @@ parsed by pyarrow on a worker thread while the next block streams in. No IPython
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections import deque
@@ -113,8 +114,11 @@ def _run(conn: psycopg.Connection[Any], step: Step, params: dict[str, Any] | Non
         sql = tag_statement(f"COPY ({inner}\n) TO STDOUT (FORMAT csv)", opts.comment, False)
         rows, nbytes = stream(conn, sql, consumer.work, consumer.block_bytes)
         consumer.finish(rows, nbytes)
-    finally:
-        _restore_session(conn, saved)
+    except BaseException:
+        with contextlib.suppress(psycopg.Error):  # the first error is the one to report
+            _restore_session(conn, saved)
+        raise
+    _restore_session(conn, saved)
     result = ResultSet(statement=step.original, cluster=cluster, status=f"COPY {rows}", rowcount=rows,
                        columns=[Column(p.name, p.type_name) for p in plans])
     result.elapsed = time.perf_counter() - started
@@ -201,9 +205,24 @@ def stream(conn: psycopg.Connection[Any], sql: str, work: Callable[[bytearray], 
             total += len(buf)
             pipeline.submit(buf)
         pipeline.finish()
+    except KeyboardInterrupt:
+        _drain(conn)
+        raise
     finally:
         pipeline.close()
     return rows, total
+
+
+def _drain(conn: psycopg.Connection[Any]) -> None:
+    """After Ctrl-C: a COPY interrupted before its first row is left running by psycopg; cancel and finish it."""
+    pgconn = conn.pgconn
+    if conn.closed or pgconn.transaction_status != psycopg.pq.TransactionStatus.ACTIVE:
+        return
+    conn.cancel_safe()
+    while pgconn.get_copy_data(0)[0] >= 0:
+        pass
+    while pgconn.get_result() is not None:
+        pass
 
 
 def _end_copy(pgconn: Any, n: int, encoding: str) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -83,6 +83,8 @@ def plan_column(name: str, oid: int, typmod: int, types: Mapping[int, PgType]) -
         decimal = numeric_type(typmod)
         if decimal is None:
             return ColumnPlan(name, type_name, pa.string(), infer=True)
+        if pa.types.is_decimal256(decimal):  # pyarrow's CSV reader parses decimal128 only
+            return ColumnPlan(name, type_name, pa.string(), convert=lambda t: cast_decimal(name, t, decimal))
         return ColumnPlan(name, type_name, decimal)
     if oid == 17:
         return ColumnPlan(name, type_name, pa.string(), convert=bytea_array)
@@ -93,7 +95,11 @@ def plan_column(name: str, oid: int, typmod: int, types: Mapping[int, PgType]) -
     element = ARRAYS.get(oid) or (info.element if info is not None and info.category == "A" else 0)
     if element:
         inner = plan_column(name, element, typmod, types)
-        if not inner.note and not inner.infer:
+        if inner.infer:  # one decimal type for every block cannot be known in advance: text elements, said so
+            return ColumnPlan(name, type_name, pa.string(), convert=array_converter(replace(inner, infer=False)),
+                              note=f"column {name!r} is numeric[] without precision: its elements are returned as "
+                                   "text (cast it to numeric(p,s)[] for decimals)")
+        if not inner.note:
             return ColumnPlan(name, type_name, pa.string(), convert=array_converter(inner))
     return ColumnPlan(name, type_name, pa.string(),
                       note=f"column {name!r} has type {type_name}, which has no Arrow mapping here: returned as text")

@@ -20,7 +20,6 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from kerb_jupyter import arrow, export, tickets
 from kerb_jupyter.arrowtypes import parse_array, parse_interval
-from kerb_jupyter.errors import DatabaseError
 from kerb_jupyter.query import QueryOptions
 
 
@@ -87,8 +86,10 @@ line', 'ab', 'name', false, '2026-11-22', '23:59:59.999999', '2026-11-22 04:30:0
 """
 
 
-def same(fast: Any, slow: Any) -> bool:
+def same(fast: Any, slow: Any, is_json: bool = False) -> bool:
     """One cell of the fast path equals the psycopg path's (json/uuid as text, intervals as psycopg maps them)."""
+    if is_json and fast is not None:  # Arrow keeps the JSON text; psycopg parses it (JSON null -> None)
+        return bool(json.loads(fast) == slow)
     if fast is None or slow is None:
         return fast is None and slow is None
     if isinstance(slow, float):
@@ -97,18 +98,18 @@ def same(fast: Any, slow: Any) -> bool:
         years, months = divmod(abs(fast.months), 12)
         days = (365 * years + 30 * months) * (1 if fast.months >= 0 else -1) + fast.days
         return dt.timedelta(days=days, microseconds=fast.nanoseconds // 1000) == slow
+    if isinstance(slow, bytes) and isinstance(fast, str):  # psycopg's binary loader knows no enum: raw bytes
+        return fast.encode() == slow
     if isinstance(slow, uuid.UUID):
         return uuid.UUID(fast) == slow
     if isinstance(slow, Decimal) and isinstance(fast, str):
         return Decimal(fast) == slow
     if isinstance(slow, list):
         return isinstance(fast, list) and len(fast) == len(slow) and all(map(same, fast, slow))
-    if isinstance(fast, str) and not isinstance(slow, str):  # json, jsonb
-        return json.loads(fast) == slow
     return bool(fast == slow)
 
 
-def test_every_type_is_exact_cell_by_cell(shell, sandbox):
+def test_every_type_is_exact_cell_by_cell(shell, sandbox, capsys):
     sandbox.servers["analytics"].admin(f'SET ROLE "{sandbox.principal}";' + TYPES_SQL, dbname="analytics")
     run(shell, "%kerbsql analytics SET TimeZone = 'America/New_York'")  # the fast path must not care
     slow = run(shell, "%kerbsql analytics -o slow SELECT * FROM every_type ORDER BY id")
@@ -118,11 +119,14 @@ def test_every_type_is_exact_cell_by_cell(shell, sandbox):
     fast_rows = table.to_pylist()
     for fast, slow_row in zip(fast_rows, slow.rows):
         for (name, value), expected in zip(fast.items(), slow_row):
-            assert same(value, expected), (name, value, expected)
+            if name != "am":  # psycopg returns an array of an unregistered enum as raw binary: checked below
+                assert same(value, expected, name in ('j', 'jb')), (name, value, expected)
+    assert [r["am"] for r in fast_rows] == [[], ["sad", 'happy, "really"'], None, None, []]
     types = {f.name: f.type for f in table.schema}
     assert types["i2"] == pa.int16() and types["i8"] == pa.int64() and types["f4"] == pa.float32()
     assert types["n"] == pa.decimal128(12, 4) and types["nbig"] == pa.decimal256(50, 10)
-    assert types["nfree"] == pa.decimal256(76, 30)  # unconstrained: the narrowest exact decimal for its values
+    assert types["nfree"] == pa.string()  # 60 integer digits + 30 decimals: no exact decimal: text, with a note
+    assert "column 'nfree' (numeric) has NaN, Infinity or more than 76 digits: returned as text" in capsys.readouterr().out
     assert types["b"] == pa.bool_() and types["d"] == pa.date32() and types["tm"] == pa.time64("us")
     assert types["ts"] == pa.timestamp("us") and types["tstz"] == pa.timestamp("us", "UTC")
     assert types["iv"] == pa.month_day_nano_interval() and types["by"] == pa.binary()
@@ -147,7 +151,7 @@ def test_many_blocks_give_the_same_table_as_one(conn):
     assert whole.table.column("n").type == pa.decimal128(38, 0)
 
 
-def test_values_arrow_cannot_hold_are_errors_naming_column_and_value(shell, capsys):
+def test_values_arrow_cannot_hold_are_errors_naming_column_and_value(shell, conn, capsys):
     cases = {"SELECT 1 AS ok, 'infinity'::timestamp AS ts": ("'ts'", "'infinity'"),
              "SELECT '-infinity'::date AS d": ("'d'", "'-infinity'"),
              "SELECT 'NaN'::numeric(5, 2) AS n": ("'n'", "'NaN'"),
@@ -158,9 +162,7 @@ def test_values_arrow_cannot_hold_are_errors_naming_column_and_value(shell, caps
         err = capsys.readouterr().err
         assert f"column {column}: the value {value} does not fit Arrow's" in err, (sql, err)
     with pytest.raises(psycopg.DataError):  # the psycopg path cannot load it either
-        run(shell, "%config KerbSqlMagics.debug = True")
-        run(shell, "%kerbsql analytics -o x SELECT 'infinity'::timestamp")
-        raise AssertionError(shell.user_ns.get("x"))
+        conn.execute("SELECT 'infinity'::timestamp").fetchone()
 
 
 def test_types_without_arrow_form_are_text_with_a_note(shell, capsys):
@@ -256,7 +258,7 @@ def test_export_formats_match_the_table(shell, tmp_path, suffix, capsys):
     else:
         lines = target.read_text().splitlines()
         assert lines[0] == "id,started_at,city,distance_km,paid,blank" and len(lines) == 1001
-        assert lines[5].endswith(',t,""') and lines[1].endswith(",f,")  # PostgreSQL's CSV: "" vs NULL
+        assert lines[5].endswith(',t,""') and lines[11].endswith(",f,")  # PostgreSQL's CSV: "" vs NULL
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
@@ -290,7 +292,7 @@ def test_bad_targets_are_refused_before_running(shell, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     run(shell, f"%kerbsql analytics --to {tmp_path / 'x.csv'} --dataframe SELECT 1")
     assert "--to writes a file" in capsys.readouterr().err
-    run(shell, f"%kerbsql analytics --to {tmp_path / 'x.csv'}\nSELECT 1; SELECT 2")
+    run(shell, f"%%kerbsql analytics --to {tmp_path / 'x.csv'}\nSELECT 1; SELECT 2")
     assert "--to needs one SELECT" in capsys.readouterr().err
 
 
@@ -312,7 +314,7 @@ def test_ctrl_c_cancels_the_copy_on_the_server_and_keeps_the_connection(shell, t
     assert out.status == "CANCELLED" and not target.exists()
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".part"]
     assert run(shell, "%kerbsql analytics SELECT pg_backend_pid()").rows[0][0] == pid
-    assert run(shell, "%kerbsql analytics SHOW TimeZone").rows != [("UTC",)] or True
+    assert run(shell, "%kerbsql analytics SHOW IntervalStyle").rows == [("postgres",)]  # settings restored
 
 
 def test_parsers_of_interval_and_array_text():
@@ -321,5 +323,5 @@ def test_parsers_of_interval_and_array_text():
     assert parse_interval("PT0S") == (0, 0, 0)
     assert parse_array('{1,NULL,"NULL","a\\"b","c,d"}') == ["1", None, "NULL", 'a"b', "c,d"]
     assert parse_array("[0:1]={7,8}") == ["7", "8"]
-    with pytest.raises(DatabaseError if False else ValueError):
+    with pytest.raises(ValueError, match="one dimension"):
         parse_array("{{1},{2}}")
