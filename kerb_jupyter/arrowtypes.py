@@ -61,7 +61,8 @@ class ColumnPlan:
 def lookup_sql() -> str:
     """One query for every OID not known here: name, kind, element, base type and enum labels."""
     return ("SELECT t.oid::int, t.typname::text, t.typtype::text, t.typelem::int, t.typbasetype::int, "
-            "t.typcategory::text, coalesce((SELECT array_agg(e.enumlabel::text ORDER BY e.enumsortorder) FROM pg_enum e "
+            "t.typcategory::text, coalesce((SELECT array_agg(e.enumlabel::text ORDER BY e.enumsortorder) "
+            "FROM pg_enum e "
             "WHERE e.enumtypid = t.oid), '{}') FROM pg_type t WHERE t.oid = ANY(%s)")
 
 

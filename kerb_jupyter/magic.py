@@ -168,8 +168,15 @@ class KerbSqlMagics(Magics):
 
     def _kerbsql_copy(self, args: Any, sql: str, namespace: Mapping[str, Any], output: str | None) -> Any:
         """One statement streams through COPY into Arrow (arrow.py); others take the usual path, then convert."""
-        from . import arrow, export
-
+        try:
+            from . import arrow, export
+        except ImportError:  # pyarrow is in the pandas/arrow/polars extras; without it --dataframe goes row by row
+            if output == "pandas" and not args.to:
+                results = self._run(args.cluster, sql, namespace, QueryOptions(args.limit, args.timeout))
+                return self._deliver(args, results[-1].to_pandas() if results[-1].has_rows else results[-1],
+                                     results[:-1])
+            raise UsageError("--dataframe, --arrow, --polars and --to need pyarrow: "
+                             "pip install 'kerb_jupyter[pandas]'") from None
         if args.to and output:
             raise UsageError("--to writes a file: use it without --dataframe, --arrow or --polars")
         opts = QueryOptions(args.limit, args.timeout)

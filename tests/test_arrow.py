@@ -126,7 +126,8 @@ def test_every_type_is_exact_cell_by_cell(shell, sandbox, capsys):
     assert types["i2"] == pa.int16() and types["i8"] == pa.int64() and types["f4"] == pa.float32()
     assert types["n"] == pa.decimal128(12, 4) and types["nbig"] == pa.decimal256(50, 10)
     assert types["nfree"] == pa.string()  # 60 integer digits + 30 decimals: no exact decimal: text, with a note
-    assert "column 'nfree' (numeric) has NaN, Infinity or more than 76 digits: returned as text" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "column 'nfree' (numeric) has NaN, Infinity or more than 76 digits: returned as text" in said
     assert types["b"] == pa.bool_() and types["d"] == pa.date32() and types["tm"] == pa.time64("us")
     assert types["ts"] == pa.timestamp("us") and types["tstz"] == pa.timestamp("us", "UTC")
     assert types["iv"] == pa.month_day_nano_interval() and types["by"] == pa.binary()
@@ -177,7 +178,8 @@ def test_types_without_arrow_form_are_text_with_a_note(shell, capsys):
 def test_outputs_pandas_backends_and_polars(shell):
     sql = "SELECT g AS id, g * 0.5 AS half, md5(g::text) AS label FROM generate_series(1, 100) g"
     df = run(shell, f"%kerbsql analytics --dataframe {sql}")
-    assert df.shape == (100, 3) and str(df["id"].dtype) == "int32" and df["label"].iloc[0] == "c4ca4238a0b923820dcc509a6f75849b"
+    assert df.shape == (100, 3) and str(df["id"].dtype) == "int32"
+    assert df["label"].iloc[0] == "c4ca4238a0b923820dcc509a6f75849b"
     run(shell, "%config KerbSqlMagics.dtype_backend = 'pyarrow'")
     df = run(shell, f"%kerbsql analytics --dataframe {sql}")
     assert str(df["id"].dtype) == "int32[pyarrow]" and str(df["half"].dtype).startswith("decimal128")
@@ -221,7 +223,8 @@ def test_statement_timeout_and_settings_are_restored(shell, capsys):
 
 def test_statements_copy_cannot_run_keep_the_usual_path(shell):
     run(shell, "%kerbsql analytics CREATE TABLE IF NOT EXISTS ret (x int)")
-    df = run(shell, "%%kerbsql analytics --dataframe\nTRUNCATE ret;\nINSERT INTO ret VALUES (1), (2);\nSELECT * FROM ret")
+    df = run(shell, "%%kerbsql analytics --dataframe\nTRUNCATE ret;\nINSERT INTO ret VALUES (1), (2);\n"
+                    "SELECT * FROM ret")
     assert df["x"].tolist() == [1, 2]
     table = run(shell, "%kerbsql analytics --arrow --limit 1 SELECT x FROM ret ORDER BY x")
     assert table.to_pylist() == [{"x": 1}]
@@ -250,7 +253,7 @@ def test_export_formats_match_the_table(shell, tmp_path, suffix, capsys):
     expected = run(shell, f"%kerbsql analytics --arrow {sql}")
     target = tmp_path / f"trips{suffix}"
     run(shell, f"%kerbsql analytics --to {target} {sql}")
-    assert f"kerbsql: wrote 1,000 rows" in capsys.readouterr().out
+    assert "kerbsql: wrote 1,000 rows" in capsys.readouterr().out
     if suffix == ".parquet":
         assert pq.read_table(target).equals(expected)
     elif suffix == ".arrow":
@@ -281,13 +284,13 @@ def test_failed_export_leaves_no_file(shell, tmp_path, capsys):
     run(shell, f"%kerbsql analytics --to {target} SELECT CASE WHEN g < 300000 THEN now()::timestamp "
                "ELSE 'infinity' END AS ts FROM generate_series(1, 400000) g")
     assert "column 'ts': the value 'infinity' does not fit" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == [tmp_path / "kerb_jupyter.json", tmp_path / "state"] or not target.exists()
     assert not target.exists() and not [p for p in tmp_path.iterdir() if p.suffix == ".part"]
 
 
 def test_bad_targets_are_refused_before_running(shell, tmp_path, capsys):
     run(shell, f"%kerbsql analytics --to {tmp_path / 'x.xlsx'} SELECT 1")
-    assert "unknown file type '.xlsx'; use one of .arrow, .csv, .feather, .ipc, .parquet, .pq" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown file type '.xlsx'; use one of .arrow, .csv, .feather, .ipc, .parquet, .pq" in err
     run(shell, f"%kerbsql analytics --to {tmp_path / 'nope' / 'x.csv'} SELECT 1")
     assert "does not exist" in capsys.readouterr().err
     run(shell, f"%kerbsql analytics --to {tmp_path / 'x.csv'} --dataframe SELECT 1")
