@@ -328,3 +328,18 @@ def test_parsers_of_interval_and_array_text():
     assert parse_array("[0:1]={7,8}") == ["7", "8"]
     with pytest.raises(ValueError, match="one dimension"):
         parse_array("{{1},{2}}")
+
+
+def test_without_pyarrow_dataframe_keeps_the_row_path_and_the_rest_says_why(shell, monkeypatch, capsys):
+    import sys
+
+    import kerb_jupyter
+
+    for name in ("pyarrow", "kerb_jupyter.arrow", "kerb_jupyter.export"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if pyarrow were not installed
+        monkeypatch.delattr(kerb_jupyter, name.rpartition(".")[2], raising=False)
+    df = run(shell, "%kerbsql analytics --dataframe SELECT 1 AS x, 'a' AS y")
+    assert df.to_dict("records") == [{"x": 1, "y": "a"}]
+    run(shell, "%kerbsql analytics --arrow SELECT 1")
+    assert "--dataframe, --arrow, --polars and --to need pyarrow: pip install 'kerb_jupyter[pandas]'" in (
+        capsys.readouterr().err)
