@@ -343,3 +343,16 @@ def test_without_pyarrow_dataframe_keeps_the_row_path_and_the_rest_says_why(shel
     run(shell, "%kerbsql analytics --arrow SELECT 1")
     assert "--dataframe, --arrow, --polars and --to need pyarrow: pip install 'kerb_jupyter[pandas]'" in (
         capsys.readouterr().err)
+
+
+def test_inside_a_transaction_and_after_a_lost_connection(shell, sandbox):
+    run(shell, "%kerbsql analytics BEGIN")
+    run(shell, "%kerbsql analytics CREATE TEMP TABLE tx_rows AS SELECT 1 AS x")
+    table = run(shell, "%kerbsql analytics --arrow SELECT x, now() = statement_timestamp() AS fresh FROM tx_rows")
+    assert table.to_pylist() == [{"x": 1, "fresh": False}]  # ran inside the open transaction
+    run(shell, "%kerbsql analytics ROLLBACK")
+    assert run(shell, "%kerbsql analytics SHOW DateStyle").rows == [("ISO, MDY",)]
+    pid = run(shell, "%kerbsql analytics SELECT pg_backend_pid()").rows[0][0]
+    sandbox.servers["analytics"].admin(f"SELECT pg_terminate_backend({pid})")
+    again = run(shell, "%kerbsql analytics --arrow SELECT pg_backend_pid() AS pid")
+    assert again.num_rows == 1 and again.column("pid")[0].as_py() != pid  # reconnected once, as the usual path
