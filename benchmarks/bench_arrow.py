@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--wide-rows", type=int, default=200_000)
     parser.add_argument("--export-rows", type=int, default=10_000_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: cProfile of --dataframe and --arrow, and the pyarrow dtype backend")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -149,6 +151,9 @@ def main() -> None:
         print("loading tables ...", file=sys.stderr)
         server.admin(f'SET ROLE "{sb.principal}";' + TABLE_SQL.format(rows=args.rows), dbname="bench")
         server.admin(f'SET ROLE "{sb.principal}";' + WIDE50.format(rows=args.wide_rows), dbname="bench")
+        if args.profile:
+            return profile({"host": "localhost", "port": server.port, "dbname": "bench", "user": sb.principal,
+                            "gssencmode": "disable"})
         for cluster, mode, names in (("plain", "disable", METHODS), ("gssenc", "require", ENCRYPTED)):
             conninfo = {"host": "localhost", "port": server.port, "dbname": "bench", "user": sb.principal,
                         "gssencmode": mode}
@@ -166,6 +171,34 @@ def main() -> None:
                              "file_mb": (Path(tmp) / "x.parquet").stat().st_size / 1e6}
     results["load_after"] = os.getloadavg()
     report(results, args)
+
+
+def profile(conninfo: dict[str, Any]) -> None:
+    """Where the time of --dataframe goes: cProfile (by own time) of one run per table, plus backend timings."""
+    import cProfile
+    import io
+    import pstats
+
+    for table, query in QUERIES.items():
+        m = Methods(conninfo, "plain", query)
+        for method in ("kerbsql_arrow", "kerbsql_dataframe"):
+            getattr(m, method)()
+            prof = cProfile.Profile()
+            started = time.perf_counter()
+            prof.runcall(getattr(m, method))
+            took = time.perf_counter() - started
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(8)
+            print(f"## {table}: {method} ({took:.2f} s under the profiler)\n")
+            print("\n".join(line for line in text.getvalue().splitlines()[6:] if line.strip()))
+        for backend in ("numpy", "pyarrow"):
+            m.shell.run_cell(f"%config KerbSqlMagics.dtype_backend = '{backend}'")
+            print(f"{table}: --dataframe with dtype_backend={backend}: "
+                  f"{median_time(m.kerbsql_dataframe, 3, collect=True):.2f} s (median of 3)")
+        m.shell.run_cell("%config KerbSqlMagics.dtype_backend = 'numpy'")
+        from IPython.core.interactiveshell import InteractiveShell
+
+        InteractiveShell.clear_instance()
 
 
 def measure(conninfo: dict[str, Any], cluster: str, query: str, names: list[str], runs: int) -> dict[str, Any]:

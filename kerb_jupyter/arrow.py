@@ -366,7 +366,9 @@ class Collector:
 
 
 def to_output(table: pa.Table, kind: str, dtype_backend: str = "numpy") -> Any:
-    """The table as ``kind``: "arrow" (itself), "polars", or "pandas" with numpy or pyarrow-backed dtypes."""
+    """The table as ``kind``: "arrow" (itself), "polars", or "pandas" with numpy or pyarrow-backed dtypes.
+
+    For numpy-backed pandas the table is consumed (not usable afterwards)."""
     if kind == "arrow":
         return table
     if kind == "polars":
@@ -379,7 +381,8 @@ def to_output(table: pa.Table, kind: str, dtype_backend: str = "numpy") -> Any:
         import pandas as pd
 
         return table.to_pandas(types_mapper=pd.ArrowDtype)
-    return table.to_pandas()
+    # Frees each Arrow column once converted: the peak is not table + DataFrame (the table is unusable after).
+    return table.to_pandas(split_blocks=True, self_destruct=True)
 
 
 def result_output(result: ResultSet, kind: str, dtype_backend: str = "numpy") -> Any:
