@@ -41,7 +41,7 @@ from .tagging import tag_statement
 BLOCK_BYTES = 8 << 20  # CSV bytes per parsed block: big enough for pyarrow's threads, small enough to bound memory
 # Session settings that make COPY's text unambiguous for the parsers (restored afterwards).
 SESSION = {"TimeZone": "UTC", "DateStyle": "ISO, MDY", "IntervalStyle": "iso_8601", "extra_float_digits": "1",
-           "bytea_output": "hex"}
+           "bytea_output": "hex", "client_encoding": "UTF8"}
 _OK = psycopg.pq.ExecStatus.COMMAND_OK
 
 

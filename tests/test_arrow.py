@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 import signal
 import threading
 import uuid
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_config
 from IPython.core.interactiveshell import InteractiveShell
+from test_kernel_magic import kernel  # noqa: F401  # the fixture: a real kernel started by a real server
 
 from kerb_jupyter import arrow, export, tickets
 from kerb_jupyter.arrowtypes import parse_array, parse_interval
@@ -356,3 +358,16 @@ def test_inside_a_transaction_and_after_a_lost_connection(shell, sandbox):
     sandbox.servers["analytics"].admin(f"SELECT pg_terminate_backend({pid})")
     again = run(shell, "%kerbsql analytics --arrow SELECT pg_backend_pid() AS pid")
     assert again.num_rows == 1 and again.column("pid")[0].as_py() != pid  # reconnected once, as the usual path
+
+
+async def test_export_in_a_kernel_shows_a_live_progress_line(kernel, tmp_path):  # noqa: F811
+    kernel.run("%load_ext kerb_jupyter")
+    target = tmp_path / "live.parquet"
+    out = kernel.run(f"%kerbsql analytics --to {target} SELECT g, md5(g::text) AS h, md5(g::text) AS h2 "
+                     "FROM generate_series(1, 1500000) g", timeout=120)
+    lines = [d["text/html"] for d in out.data if "kerbsql-progress" in d.get("text/html", "")]
+    lines += [u.get("text/html", "") for u in out.updates if "kerbsql-progress" in u.get("text/html", "")]
+    assert any(re.search(r"[\d,]+ rows, [\d.,]+ MB in [\d.]+ s \([\d,]+ rows/s\) → .*live.parquet", x)
+               for x in lines), out.data
+    assert "kerbsql: wrote 1,500,000 rows" in out.stdout
+    assert pq.ParquetFile(target).metadata.num_rows == 1_500_000
