@@ -376,13 +376,30 @@ def to_output(table: pa.Table, kind: str, dtype_backend: str = "numpy") -> Any:
             import polars
         except ImportError:
             raise ConfigError("--polars needs polars: pip install 'kerb_jupyter[polars]'") from None
-        return polars.from_arrow(table)
+        return polars.from_arrow(for_polars(table))
     if dtype_backend == "pyarrow":
         import pandas as pd
 
         return table.to_pandas(types_mapper=pd.ArrowDtype)
     # Frees each Arrow column once converted: the peak is not table + DataFrame (the table is unusable after).
     return table.to_pandas(split_blocks=True, self_destruct=True)
+
+
+_INTERVAL_FIELDS = pa.struct([("months", pa.int32()), ("days", pa.int32()), ("nanoseconds", pa.int64())])
+
+
+def for_polars(table: pa.Table) -> pa.Table:
+    """polars reads neither month_day_nano intervals nor decimal256: structs of the three parts, and text."""
+    for i, field in enumerate(table.schema):
+        if field.type == pa.month_day_nano_interval():
+            parts = [None if v is None else {"months": v.months, "days": v.days, "nanoseconds": v.nanoseconds}
+                     for v in table.column(i).to_pylist()]
+            table = table.set_column(i, pa.field(field.name, _INTERVAL_FIELDS), pa.array(parts, _INTERVAL_FIELDS))
+        elif pa.types.is_decimal256(field.type):
+            print(f"kerbsql: column {field.name!r} ({field.type}) is text in polars, which has no decimal that wide")
+            text = [None if d is None else format(d, "f") for d in table.column(i).to_pylist()]  # no 1E-10
+            table = table.set_column(i, pa.field(field.name, pa.string()), pa.array(text, pa.string()))
+    return table
 
 
 def result_output(result: ResultSet, kind: str, dtype_backend: str = "numpy") -> Any:

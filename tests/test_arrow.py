@@ -139,6 +139,12 @@ def test_every_type_is_exact_cell_by_cell(shell, sandbox, capsys):
     assert table.column("m").type.value_type == pa.string()
     assert table.column("m").chunk(0).dictionary.to_pylist() == ["sad", "ok", 'happy, "really"']  # enum order
     assert run(shell, "%kerbsql analytics SHOW TimeZone").rows == [("America/New_York",)]  # restored
+    polars = pytest.importorskip("polars")
+    frame = run(shell, "%kerbsql analytics --polars SELECT id, iv, nbig, m FROM every_type ORDER BY id")
+    assert isinstance(frame, polars.DataFrame) and frame.height == 5
+    assert frame["iv"][0] == {"months": 14, "days": 3, "nanoseconds": 14706500000000}
+    assert frame["nbig"][1] == "-0.0000000001" and frame["m"].to_list()[:2] == ["sad", 'happy, "really"']
+    assert "column 'nbig' (decimal256(50, 10)) is text in polars" in capsys.readouterr().out
 
 
 def test_many_blocks_give_the_same_table_as_one(conn):
