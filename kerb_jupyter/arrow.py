@@ -281,8 +281,10 @@ class Decoder:
 
     def decode(self, block: bytearray | bytes, streaming: bool = False) -> list[pa.ChunkedArray]:
         """Raises DatabaseError naming column and value when one does not fit its Arrow type."""
+        if not self.plans:
+            return []
         try:
-            table = pcsv.read_csv(pa.py_buffer(block), self._read, self._parse, self._convert)
+            table = self._read_csv(block)
         except pa.ArrowInvalid as err:
             raise self._error(err) from None
         out = []
@@ -293,6 +295,16 @@ class Decoder:
                 column = self._decimal(i, column, first=i not in self.decimals)
             out.append(column)
         return out
+
+    def _read_csv(self, block: bytearray | bytes) -> pa.Table:
+        try:
+            return pcsv.read_csv(pa.py_buffer(block), self._read, self._parse, self._convert)
+        except pa.ArrowInvalid as err:
+            if "straddl" not in str(err):
+                raise
+        # A row longer than pyarrow's 1 MB parse block: this block in one piece (one thread).
+        whole = pcsv.ReadOptions(column_names=self.names, use_threads=True, block_size=len(block) + 1)
+        return pcsv.read_csv(pa.py_buffer(block), whole, self._parse, self._convert)
 
     def _converted(self, plan: ColumnPlan, column: pa.ChunkedArray) -> pa.ChunkedArray:
         assert plan.convert is not None
@@ -358,7 +370,11 @@ class Collector:
         assert decoder is not None
         columns = [decoder.finish_column(i, chunks) for i, chunks in enumerate(self._chunks)]
         self._chunks = []
-        self.table = pa.Table.from_arrays(columns, names=[p.name for p in decoder.plans])
+        if columns:
+            self.table = pa.Table.from_arrays(columns, names=[p.name for p in decoder.plans])
+        else:  # SELECT FROM t: rows without columns
+            rows_only = pa.RecordBatch.from_struct_array(pa.array([{}] * max(rows, 0), pa.struct([])))
+            self.table = pa.Table.from_batches([rows_only])
         self.notes = decoder.notes
 
     def abort(self) -> None:

@@ -246,10 +246,13 @@ def test_statements_copy_cannot_run_keep_the_usual_path(shell):
     assert arrow.copy_step("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d") is None
 
 
-def test_empty_result_and_duplicate_names(shell, tmp_path):
+def test_empty_zero_column_and_huge_row_results(shell, tmp_path):
     table = run(shell, "%kerbsql analytics --arrow SELECT id, city, distance_km, 1 AS id FROM trips WHERE false")
     assert table.num_rows == 0 and table.column_names == ["id", "city", "distance_km", "id"]
     assert table.schema.field(2).type == pa.decimal128(8, 2)
+    assert run(shell, "%kerbsql analytics --dataframe SELECT FROM generate_series(1, 3)").shape == (3, 0)
+    big = run(shell, "%kerbsql analytics --arrow SELECT 1 AS n, repeat('x', 3000000) AS big")  # > pyarrow's block
+    assert big.num_rows == 1 and len(big.column("big")[0].as_py()) == 3_000_000
     run(shell, f"%kerbsql analytics --to {tmp_path / 'empty.parquet'} SELECT id, city FROM trips WHERE false")
     assert pq.read_table(tmp_path / "empty.parquet").schema.names == ["id", "city"]
 
