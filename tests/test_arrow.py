@@ -201,9 +201,9 @@ def test_outputs_pandas_backends_and_polars(shell):
 def test_parameters_tag_application_name_and_audit(shell, sandbox, tmp_path):
     marker = f"copy_{uuid.uuid4().hex[:8]}"
     shell.user_ns.update(city="Dublin", pct="100%", day=dt.date(2026, 1, 1), marker=marker)
-    df = run(shell, "%%kerbsql analytics --dataframe\nSELECT count(*) AS n, :pct AS pct, :marker AS m, :day AS d "
-                    "FROM trips WHERE city = :city")
-    assert df.to_dict("records") == [{"n": 200, "pct": "100%", "m": marker, "d": dt.date(2026, 1, 1)}]
+    df = run(shell, "%%kerbsql analytics --dataframe\nSELECT count(*) AS n, :pct AS pct, :marker AS m, :day AS d, "
+                    "'50%' AS lit FROM trips WHERE city = :city")
+    assert df.to_dict("records") == [{"n": 200, "pct": "100%", "m": marker, "d": dt.date(2026, 1, 1), "lit": "50%"}]
     [line] = [x for x in sandbox.servers["analytics"].log_text().splitlines() if marker in x]
     assert "app=kerb_jupyter:alice@KERB.TEST" in line and "/*app='kerb_jupyter'" in line and "COPY (" in line
     assert "'Dublin'" in line  # merged client-side: COPY takes no parameters
