@@ -47,6 +47,15 @@ def conn(shell):
     return shell.magics_manager.registry["KerbSqlMagics"].session.connection("analytics")
 
 
+@pytest.fixture
+def plain(sandbox, shell):
+    """A plain psycopg connection with psycopg's own binary loaders (the reference), over the shell's ticket."""
+    info = sandbox.cluster_config("analytics")
+    with psycopg.connect(**{k: info[k] for k in ("host", "port", "dbname", "gssencmode")}, user=sandbox.principal,
+                         autocommit=True) as conn:
+        yield conn
+
+
 def run(shell, code: str) -> Any:
     result = shell.run_cell(code)
     assert result.error_before_exec is None
@@ -111,15 +120,18 @@ def same(fast: Any, slow: Any, is_json: bool = False) -> bool:
     return bool(fast == slow)
 
 
-def test_every_type_is_exact_cell_by_cell(shell, sandbox, capsys):
+def test_every_type_is_exact_cell_by_cell(shell, sandbox, plain, capsys):
     sandbox.servers["analytics"].admin(f'SET ROLE "{sandbox.principal}";' + TYPES_SQL, dbname="analytics")
     run(shell, "%kerbsql analytics SET TimeZone = 'America/New_York'")  # the fast path must not care
-    slow = run(shell, "%kerbsql analytics -o slow SELECT * FROM every_type ORDER BY id")
+    plain.execute("SET TimeZone = 'Asia/Kolkata'")
+    with plain.cursor(binary=True) as cur:  # the psycopg path: fetchall() with psycopg's binary loaders
+        cur.execute("SELECT * FROM every_type ORDER BY id")
+        slow_rows, slow_names = cur.fetchall(), [d.name for d in cur.description]
     table = run(shell, "%kerbsql analytics --arrow SELECT * FROM every_type ORDER BY id")
-    assert isinstance(table, pa.Table) and table.num_rows == len(slow.rows) == 5
-    assert table.column_names == [c.name for c in slow.columns]
+    assert isinstance(table, pa.Table) and table.num_rows == len(slow_rows) == 5
+    assert table.column_names == slow_names
     fast_rows = table.to_pylist()
-    for fast, slow_row in zip(fast_rows, slow.rows):
+    for fast, slow_row in zip(fast_rows, slow_rows):
         for (name, value), expected in zip(fast.items(), slow_row):
             if name != "am":  # psycopg returns an array of an unregistered enum as raw binary: checked below
                 assert same(value, expected, name in ('j', 'jb')), (name, value, expected)
@@ -160,7 +172,7 @@ def test_many_blocks_give_the_same_table_as_one(conn):
     assert whole.table.column("n").type == pa.decimal128(38, 0)
 
 
-def test_values_arrow_cannot_hold_are_errors_naming_column_and_value(shell, conn, capsys):
+def test_values_arrow_cannot_hold_are_errors_naming_column_and_value(shell, plain, capsys):
     cases = {"SELECT 1 AS ok, 'infinity'::timestamp AS ts": ("'ts'", "'infinity'"),
              "SELECT '-infinity'::date AS d": ("'d'", "'-infinity'"),
              "SELECT 'NaN'::numeric(5, 2) AS n": ("'n'", "'NaN'"),
@@ -171,7 +183,7 @@ def test_values_arrow_cannot_hold_are_errors_naming_column_and_value(shell, conn
         err = capsys.readouterr().err
         assert f"column {column}: the value {value} does not fit Arrow's" in err, (sql, err)
     with pytest.raises(psycopg.DataError):  # the psycopg path cannot load it either
-        conn.execute("SELECT 'infinity'::timestamp").fetchone()
+        plain.execute("SELECT 'infinity'::timestamp").fetchone()
 
 
 def test_types_without_arrow_form_are_text_with_a_note(shell, capsys):
