@@ -42,6 +42,8 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     from tornado import web
     from tornado.ioloop import IOLoop
 
+    if os.environ.get("BENCH_SWITCH_INTERVAL"):  # to test what limits the worst callback: the GIL hand-over
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
     samples: list[float] = []
     longest: dict[str, Any] = {"s": 0.0, "what": ""}
     run = asyncio.events.Handle._run
@@ -160,6 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--events", type=int, default=10)
+    parser.add_argument("--switch-interval", type=float, help="sys.setswitchinterval() in the server (default 0.005)")
     args = parser.parse_args()
 
     from kerb_jupyter.sandbox import Sandbox
@@ -179,7 +182,8 @@ def main() -> None:
                    AWS_ENDPOINT_URL=f"http://127.0.0.1:{moto_port}", AWS_ACCESS_KEY_ID="testing",
                    AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",  # noqa: S106
                    PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-                   JUPYTER_RUNTIME_DIR=str(Path(tmp) / "runtime"))
+                   JUPYTER_RUNTIME_DIR=str(Path(tmp) / "runtime"),
+                   BENCH_SWITCH_INTERVAL=str(args.switch_interval or ""))
         log = open(Path(tmp) / "server.log", "wb")
         server = subprocess.Popen(
             [sys.executable, "-m", "jupyter_server", f"--port={port}", "--ip=127.0.0.1", "--no-browser",
@@ -212,7 +216,7 @@ def main() -> None:
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     lines = [f"load average before {results['load_before'][0]:.1f}, after {results['load_after'][0]:.1f}; "
-             f"{args.events} events of each kind", "",
+             f"{args.events} events of each kind; switch interval {args.switch_interval or 0.005} s", "",
              "| clients | event | event took ms | longest callback without event ms | longest callback with event "
              "ms (median / max) | probe lag max without / with ms | probe p99 without / with ms |",
              "|---|---|---:|---:|---:|---:|---:|"]
