@@ -300,14 +300,20 @@ def test_export_streams_in_blocks_with_progress(conn, tmp_path):
     assert "50,000 rows" in exporter.summary() and "rows/s" in exporter.summary()
 
 
-def test_failed_export_leaves_no_file(shell, tmp_path, capsys):
+def test_failed_export_leaves_no_partial_file_and_the_old_file_intact(shell, tmp_path, capsys):
     target = tmp_path / "out.parquet"
-    run(shell, f"%kerbsql analytics --to {target} SELECT 1 / (g - 300000) FROM generate_series(1, 400000) g")
+    target.write_bytes(b"the previous export")
+    # ~60 MB of rows, so blocks were written before the error
+    run(shell, f"%kerbsql analytics --to {target} SELECT repeat('x', 200) AS pad, 1 / (g - 300000) AS boom "
+               "FROM generate_series(1, 400000) g")
     assert "SQL error 22012: division by zero" in capsys.readouterr().err
     run(shell, f"%kerbsql analytics --to {target} SELECT CASE WHEN g < 300000 THEN now()::timestamp "
                "ELSE 'infinity' END AS ts FROM generate_series(1, 400000) g")
     assert "column 'ts': the value 'infinity' does not fit" in capsys.readouterr().err
-    assert not target.exists() and not [p for p in tmp_path.iterdir() if p.suffix == ".part"]
+    assert target.read_bytes() == b"the previous export"
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".part"]
+    run(shell, f"%kerbsql analytics --to {target} SELECT 1 AS one")  # a complete export replaces it
+    assert pq.read_table(target).to_pylist() == [{"one": 1}]
 
 
 def test_bad_targets_are_refused_before_running(shell, tmp_path, capsys):
@@ -341,6 +347,8 @@ def test_ctrl_c_cancels_the_copy_on_the_server_and_keeps_the_connection(shell, t
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".part"]
     assert run(shell, "%kerbsql analytics SELECT pg_backend_pid()").rows[0][0] == pid
     assert run(shell, "%kerbsql analytics SHOW IntervalStyle").rows == [("postgres",)]  # settings restored
+    audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [r["outcome"] for r in audit if r["statement"].startswith("SELECT pg_sleep")] == ["cancelled"]
 
 
 def test_parsers_of_interval_and_array_text():
