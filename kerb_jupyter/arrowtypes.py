@@ -3,6 +3,7 @@
 Every column gets a ``ColumnPlan``: the Arrow type pyarrow's CSV reader parses its text into, and (for the
 types the CSV reader cannot parse) a vectorised conversion from that text. Types without a faithful Arrow
 equivalent stay text, with a note; a value a typed column cannot hold is an error naming column and value.
+``Decoder`` turns one block of COPY's CSV into those columns.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 
 from .errors import DatabaseError
 
@@ -276,3 +278,87 @@ def parse_array(text: str) -> list[str | None]:
             i = j
         i += 1  # the comma
     return out
+
+
+_CSV_ERROR = re.compile(r"column #(\d+): .*?(?:invalid value|The string) '(.*)'", re.S)
+
+
+class Decoder:
+    """CSV block -> one converted Arrow array per column. ``streaming``: types fixed by the first block."""
+
+    def __init__(self, plans: list[ColumnPlan]) -> None:
+        self.plans = plans
+        self.names = [f"c{i}" for i in range(len(plans))]  # result columns may share a name
+        self.notes = [p.note for p in plans if p.note]
+        self.decimals: dict[int, pa.DataType | None] = {}
+        text = any(pa.types.is_string(p.read_as) for p in plans)
+        self._read = pcsv.ReadOptions(column_names=self.names, use_threads=True)
+        self._parse = pcsv.ParseOptions(newlines_in_values=text)
+        self._convert = pcsv.ConvertOptions(
+            column_types=dict(zip(self.names, (p.read_as for p in plans))), null_values=[""],
+            strings_can_be_null=True, quoted_strings_can_be_null=False, true_values=["t"], false_values=["f"])
+
+    def decode(self, block: bytearray | bytes, streaming: bool = False) -> list[pa.ChunkedArray]:
+        """Raises DatabaseError naming column and value when one does not fit its Arrow type."""
+        if not self.plans:
+            return []
+        try:
+            table = self._read_csv(block)
+        except pa.ArrowInvalid as err:
+            raise self._error(err) from None
+        out = []
+        for i, (plan, column) in enumerate(zip(self.plans, table.columns)):
+            if plan.convert is not None:
+                column = self._converted(plan, column)
+            elif plan.infer and streaming:
+                column = self._decimal(i, column, first=i not in self.decimals)
+            out.append(column)
+        return out
+
+    def _read_csv(self, block: bytearray | bytes) -> pa.Table:
+        try:
+            return pcsv.read_csv(pa.py_buffer(block), self._read, self._parse, self._convert)
+        except pa.ArrowInvalid as err:
+            if "straddl" not in str(err):
+                raise
+        # A row longer than pyarrow's 1 MB parse block: this block in one piece (one thread).
+        whole = pcsv.ReadOptions(column_names=self.names, use_threads=True, block_size=len(block) + 1)
+        return pcsv.read_csv(pa.py_buffer(block), whole, self._parse, self._convert)
+
+    def _converted(self, plan: ColumnPlan, column: pa.ChunkedArray) -> pa.ChunkedArray:
+        assert plan.convert is not None
+        try:
+            chunks = [plan.convert(chunk) for chunk in column.chunks]
+        except BadValue as bad:
+            raise conversion_error(plan.name, bad.type_name, bad.value) from None
+        return pa.chunked_array(chunks, chunks[0].type if chunks else plan.convert(pa.array([], pa.string())).type)
+
+    def _decimal(self, i: int, column: pa.ChunkedArray, first: bool) -> pa.ChunkedArray:
+        plan = self.plans[i]
+        if first:
+            self.decimals[i] = target = infer_decimal(plan.name, column)
+            if target is None:
+                self.notes.append(f"column {plan.name!r} (numeric) has NaN, Infinity or more than 76 digits: "
+                                  "returned as text")
+        target = self.decimals[i]
+        return column if target is None else cast_decimal(plan.name, column, target)
+
+    def finish_column(self, i: int, chunks: list[pa.ChunkedArray]) -> pa.ChunkedArray:
+        """All the blocks of column ``i`` as one column; unconstrained numeric gets its decimal type here."""
+        plan = self.plans[i]
+        if not chunks:
+            empty = pa.array([], plan.read_as)
+            if plan.convert is not None:
+                return pa.chunked_array([], plan.convert(pa.array([], pa.string())).type)
+            return pa.chunked_array([], pa.decimal128(38, 0) if plan.infer else empty.type)
+        column = pa.chunked_array([c for part in chunks for c in part.chunks], chunks[0].type)
+        if plan.infer and i not in self.decimals:
+            return self._decimal(i, column, first=True)
+        return column
+
+    def _error(self, err: pa.ArrowInvalid) -> DatabaseError:
+        m = _CSV_ERROR.search(str(err))
+        if m is None or int(m.group(1)) >= len(self.plans):
+            return DatabaseError(f"Arrow could not read the result: {err}", code="arrow_conversion")
+        plan = self.plans[int(m.group(1))]
+        return conversion_error(plan.name, str(plan.read_as), m.group(2))

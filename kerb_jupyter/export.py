@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .arrow import Decoder
+from .arrowtypes import Decoder
 from .errors import ConfigError, KerbJupyterError
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".arrow": "ipc", ".feather": "ipc", ".ipc": "ipc"}
