@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import ChainMap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
@@ -33,7 +33,7 @@ from IPython.core.magic import (
     no_var_expand,
 )
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Float, Int
+from traitlets import Bool, Enum, Float, Int
 
 from . import audit, db
 from .config import Settings, default_config_path, load_settings
@@ -65,6 +65,8 @@ class KerbSqlMagics(Magics):
         1.0, config=True,
         help="Seconds after which a running query shows a 'running for N s' line (0 turns it off). Default 1.",
     )
+    dtype_backend = Enum(["numpy", "pyarrow"], "numpy", config=True, help="dtypes of --dataframe results: "
+                         "'numpy' (pandas' classic dtypes) or 'pyarrow' (pd.ArrowDtype). Default 'numpy'.")
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -118,6 +120,9 @@ class KerbSqlMagics(Magics):
     @argument("--timeout", type=parse_timeout, metavar="SECONDS",
               help="statement_timeout for this cell (finite, at least 0.001 s)")
     @argument("--dataframe", action="store_true", help="return a pandas DataFrame (all rows)")
+    @argument("--arrow", action="store_true", help="return a pyarrow.Table (all rows)")
+    @argument("--polars", action="store_true", help="return a polars DataFrame (all rows)")
+    @argument("--to", metavar="PATH", help="stream the result into a .parquet, .csv or .arrow file")
     @argument("--quiet", action="store_true", help="show nothing (use with -o)")
     @argument("--list", action="store_true", help="list the configured clusters")
     @needs_local_scope
@@ -145,6 +150,9 @@ class KerbSqlMagics(Magics):
             raise UsageError(f"no SQL given: put the query in the cell below %%kerbsql {args.cluster}")
         if args.limit is not None and args.limit < 0:
             raise UsageError("--limit must be 0 or more")
+        output = "arrow" if args.arrow else "polars" if args.polars else "pandas" if args.dataframe else None
+        if output or args.to:
+            return self._kerbsql_copy(args, sql, ChainMap(local_ns, self.shell.user_ns if self.shell else {}), output)
         fetch_all = bool(args.out or args.dataframe)
         limit = args.limit if args.limit is not None else (None if fetch_all else self.display_limit)
         namespace = ChainMap(local_ns, self.shell.user_ns if self.shell else {})  # no copy of user_ns
@@ -172,7 +180,51 @@ class KerbSqlMagics(Magics):
         except KerbJupyterError as err:
             raise UsageError(str(err)) from None
 
-    def _run(self, cluster: str, sql: str, namespace: Mapping[str, Any], opts: QueryOptions) -> list[ResultSet]:
+    def _kerbsql_copy(self, args: Any, sql: str, namespace: Mapping[str, Any], output: str | None) -> Any:
+        """One statement streams through COPY into Arrow (arrow.py); others take the usual path, then convert."""
+        try:
+            from . import arrow, export
+        except ImportError:  # pyarrow is in the pandas/arrow/polars extras; without it --dataframe goes row by row
+            if output == "pandas" and not args.to:
+                results = self._run(args.cluster, sql, namespace, QueryOptions(args.limit, args.timeout))
+                return self._deliver(args, results[-1].to_pandas() if results[-1].has_rows else results[-1],
+                                     results[:-1])
+            raise UsageError("--dataframe, --arrow, --polars and --to need pyarrow: "
+                             "pip install 'kerb_jupyter[pandas]'") from None
+        if args.to and output:
+            raise UsageError("--to writes a file: use it without --dataframe, --arrow or --polars")
+        opts = QueryOptions(args.limit, args.timeout)
+        if args.limit is not None or arrow.copy_step(sql) is None:
+            if args.to:
+                raise UsageError("--to needs one SELECT/WITH/VALUES/TABLE statement (or DML with RETURNING) "
+                                 "and no --limit")
+            results = self._run(args.cluster, sql, namespace, opts)
+            return self._deliver(args, arrow.result_output(results[-1], output or "", self.dtype_backend), results[:-1])
+        live = export.live_line() if getattr(self.shell, "kernel", None) is not None else None
+        consumer: Any = export.Exporter(args.to, live) if args.to else arrow.Collector()
+        results = self._run(args.cluster, sql, namespace, opts, functools.partial(arrow.run_copy, consumer=consumer))
+        for note in consumer.notes:
+            print(f"kerbsql: {note}")
+        if results[-1].status == "CANCELLED":
+            return results[-1]
+        if args.to:
+            print(f"kerbsql: {consumer.summary()}")
+            results[-1].columns = []  # shown as its status line ("COPY n"), not as an empty table
+            return self._deliver(args, results[-1], [])
+        return self._deliver(args, arrow.to_output(consumer.table, output or "", self.dtype_backend), [])
+
+    def _deliver(self, args: Any, value: Any, earlier: list[ResultSet]) -> Any:
+        if args.out and self.shell is not None:
+            self.shell.user_ns[args.out] = value
+        if not args.quiet and self.shell is not None:
+            from IPython.display import display
+
+            for result in earlier:
+                display(result)
+        return None if args.quiet else value
+
+    def _run(self, cluster: str, sql: str, namespace: Mapping[str, Any], opts: QueryOptions,
+             runner: Callable[..., list[ResultSet]] = run_sql) -> list[ResultSet]:
         self.settings.cluster(cluster)  # UnknownClusterError before anything else
         for attempt in (1, 2):
             conn = self.session.connection(cluster)
@@ -184,7 +236,7 @@ class KerbSqlMagics(Magics):
                 in_kernel = getattr(self.shell, "kernel", None) is not None
                 self._progress.after = self.progress_after if in_kernel else 0
                 with self._progress.running(cluster):
-                    return run_sql(conn, sql, namespace, opts, cluster)
+                    return runner(conn, sql, namespace, opts, cluster)
             except ConnectionLost as err:
                 self.session.discard(cluster)
                 if attempt == 2 or err.statements_done:
@@ -320,8 +372,9 @@ def _kernel_id() -> str | None:
     return name.removeprefix("kernel-").removesuffix(".json")
 
 
-_VALUE_OPTIONS = {"-o", "--out", "--limit", "--timeout"}
-_PLAIN = {"out": None, "limit": None, "timeout": None, "dataframe": False, "quiet": False, "list": False}
+_VALUE_OPTIONS = {"-o", "--out", "--limit", "--timeout", "--to"}
+_PLAIN = {"out": None, "limit": None, "timeout": None, "dataframe": False, "quiet": False, "list": False,
+          "arrow": False, "polars": False, "to": None}
 
 
 def _parse(magic: Any, options: str) -> Any:
