@@ -116,6 +116,7 @@ class TicketKeeper:
         self.state.source = self._describe_source()
         self._rejected: tuple[float, Any] | None = None  # (when, source stamp) of the last rejection
         self._task: asyncio.Task[None] | None = None
+        self._manual_delay: float | None = None
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -370,21 +371,26 @@ class TicketKeeper:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="kerb_jupyter keeper")
 
     async def _run(self) -> None:
+        delay: float | None = None
         while True:
-            async with self._lock:
-                delay = await asyncio.to_thread(self.step)  # step never raises
+            if delay is None:
+                async with self._lock:
+                    delay = await asyncio.to_thread(self.step)  # step never raises
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=None if delay == float("inf") else delay)
+                # renew_now just made an attempt: sleep as it decided, never a second attempt right away
+                # (after rejected credentials that would be a second AS request towards an AD lockout).
+                delay = self._manual_delay
             except asyncio.TimeoutError:
-                pass
+                delay = None
 
     async def renew_now(self) -> KeeperState:
         """Renew (or re-acquire) at once, also after a fatal error; returns the new state.
 
         After rejected credentials, check ``held()`` first: this method always makes its attempt."""
         async with self._lock:
-            await asyncio.to_thread(self.step, True)
+            self._manual_delay = await asyncio.to_thread(self.step, True)
         self._wake.set()
         return self.state
 
