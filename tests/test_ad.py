@@ -4,6 +4,7 @@ root-relative notebook tags, one log format, readable status; plus a real server
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -126,7 +127,7 @@ def test_retry_schedule_against_a_dead_kdc(ad):
             errors.append(dict(keeper.state.last_error or {}))
     finally:
         ad.start()
-    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     before = [t for t in attempts if t < info.endtime]
     print("attempts (s before expiry):", [round(info.endtime - t, 1) for t in attempts])
     assert min(gaps) >= 20  # never faster than retry_interval ...

@@ -302,7 +302,7 @@ async def test_renew_after_rejected_credentials_answers_409_without_asking_the_k
     second = as_requests(sandbox, who)
     assert 1 <= second - first <= 2
     status, body = await call(jp_fetch, "renew", method="POST")
-    assert status == 409 and as_requests(sandbox, who) == second, (first, second, sandbox.realm.log_file.read_text()[-3000:])
+    assert status == 409 and as_requests(sandbox, who) == second
     # The keytab is replaced with a good one: noticed at once, one attempt, a ticket.
     sandbox.realm.export_keytab(who, keytab)
     status, body = await call(jp_fetch, "renew", method="POST")
