@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import tickets
+from . import lockout, tickets
 from .errors import (
     CacheError,
     ConfigError,
@@ -36,7 +36,7 @@ from .errors import (
     SourceError,
     TicketExpiredError,
 )
-from .sources import SecretsManagerSource, Source, quiet_aws_debug_logs
+from .sources import SecretsManagerSource, Source
 from .tickets import TicketInfo
 
 SKEW_WARNING = 60.0  # seconds between our clock and the KDC's before we say so
@@ -311,38 +311,7 @@ class TicketKeeper:
 
     # -- manual renewal after rejected credentials ------------------------------------------------
     def _source_stamp(self) -> Any:
-        """Something that changes when the credential source does (a keytab or cache file, a secret version)."""
-        src = self.source
-        try:
-            if isinstance(src, SecretsManagerSource):
-                if self.principal is None:
-                    return None
-                return self._secret_version(src, src.secret_name(self.principal))
-            path = getattr(src, "keytab", None) or getattr(src, "cache", None)
-            if path is None:
-                return None
-            st = os.stat(path)
-            return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
-        except (OSError, KerbJupyterError):
-            return None
-
-    @staticmethod
-    def _secret_version(src: SecretsManagerSource, name: str) -> Any:
-        """The AWSCURRENT version id (DescribeSecret: metadata only, never the value)."""
-        import boto3
-        import botocore.exceptions
-
-        try:
-            with quiet_aws_debug_logs():
-                if src.client_factory is not None:
-                    client = src.client_factory("secretsmanager", region_name=src.region)
-                else:
-                    client = boto3.client("secretsmanager", **({"region_name": src.region} if src.region else {}))
-                desc = client.describe_secret(SecretId=name)
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
-            return None
-        versions = desc.get("VersionIdsToStages") or {}
-        return next((v for v, stages in versions.items() if "AWSCURRENT" in stages), None)
+        return lockout.source_stamp(self.source, self.principal)
 
     def renewal_hold(self) -> float:
         """Seconds a manual renewal stays refused after rejected credentials (0: go ahead). Blocks (AWS)."""

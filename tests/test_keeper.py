@@ -370,3 +370,17 @@ def test_stop_succeeds_even_when_the_task_died(sandbox, cache):
         return keeper
 
     assert asyncio.run(scenario()).state.state == "stopped"
+
+
+def test_a_new_secret_version_lifts_the_hold_after_rejection(sandbox, cache, aws, extra_principals):
+    principal, password, _ = extra_principals["bob"]
+    aws.create_secret(Name=f"ad/{principal}", SecretString="not-the-password")
+    keeper = keeper_for(sandbox, cache, SecretsManagerSource("ad/{principal}", "password", region="us-east-1"),
+                        principal, rejected_cooldown=900)
+    keeper.step()
+    assert keeper.state.last_error["code"] == "credentials_rejected"
+    assert 899 < keeper.renewal_hold() <= 900  # the same secret: no new attempt for 15 minutes
+    aws.put_secret_value(SecretId=f"ad/{principal}", SecretString=password)  # the user fixes the secret
+    assert keeper.renewal_hold() == 0
+    keeper.step(force=True)
+    assert keeper.state.state == "valid" and keeper.renewal_hold() == 0
