@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +151,6 @@ class KerbJupyterApp(ExtensionApp):
         self.config_error: KerbJupyterError | None = None
         self.renew_limiter = RateLimiter(self.renew_min_interval)
         self.check_limiter = RateLimiter(self.check_min_interval)
-        self.check_pool = ThreadPoolExecutor(self.max_concurrent_checks, thread_name_prefix="kerb-jupyter-check")
         self.checks_running = 0
         self._collector: metrics.KeeperCollector | None = None
         self.settings.update(kerb_jupyter_app=self)
@@ -279,9 +277,6 @@ class KerbJupyterApp(ExtensionApp):
 
     async def stop_extension(self) -> None:
         await self._stop_keeper()
-        pool = getattr(self, "check_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _file_stamp(path: Path) -> tuple[Any, ...]:

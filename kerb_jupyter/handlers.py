@@ -8,7 +8,6 @@ checks run in a small pool of their own (over its bound: 429 at once), so hangin
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
 import time
@@ -22,6 +21,7 @@ from tornado import web
 
 from . import db
 from .errors import KerbJupyterError, UnknownClusterError
+from .threads import in_daemon_thread
 
 if TYPE_CHECKING:
     from .app import KerbJupyterApp
@@ -164,10 +164,9 @@ class ClusterCheckHandler(BaseHandler):
                                       "(the most allowed at once): try again when one has finished")
         if self.limited(app.check_limiter, cluster.name):
             return None
-        app.checks_running += 1
+        app.checks_running += 1  # the bound: at most max_concurrent_checks threads of their own at once
         try:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(app.check_pool, check_cluster, app, cluster.name)
+            result = await in_daemon_thread(check_cluster, app, cluster.name, name="kerb-jupyter-check")
         except KerbJupyterError as err:
             return self.write_problem(err.code, str(err))
         finally:

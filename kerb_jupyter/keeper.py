@@ -37,6 +37,7 @@ from .errors import (
     TicketExpiredError,
 )
 from .sources import SecretsManagerSource, Source
+from .threads import in_daemon_thread
 from .tickets import TicketInfo
 
 SKEW_WARNING = 60.0  # seconds between our clock and the KDC's before we say so
@@ -344,7 +345,7 @@ class TicketKeeper:
         while True:
             if delay is None:
                 async with self._lock:
-                    delay = await asyncio.to_thread(self.step)  # step never raises
+                    delay = await in_daemon_thread(self.step, name="kerb-jupyter-keeper")  # never raises
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=None if delay == float("inf") else delay)
@@ -359,14 +360,14 @@ class TicketKeeper:
 
         After rejected credentials, check ``held()`` first: this method always makes its attempt."""
         async with self._lock:
-            self._manual_delay = await asyncio.to_thread(self.step, True)
+            self._manual_delay = await in_daemon_thread(self.step, True, name="kerb-jupyter-keeper")
         self._wake.set()
         return self.state
 
     async def held(self) -> float:
         """``renewal_hold()`` without blocking the event loop."""
         async with self._lock:
-            return await asyncio.to_thread(self.renewal_hold)
+            return await in_daemon_thread(self.renewal_hold)
 
     async def stop(self) -> None:
         """Cancel the task; never raises, whatever state the keeper (or its task) is in."""

@@ -264,6 +264,13 @@ def start_server(tmp_path: Path, config: Path, krb5_conf: Path) -> tuple[subproc
     return proc, f"http://127.0.0.1:{port}/kerb-jupyter/"
 
 
+def _ignore_errors(fn, *args, **kw) -> None:
+    try:
+        fn(*args, **kw)
+    except OSError:
+        pass
+
+
 def server_status(proc, url: str, want: str, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     doc: dict = {}
@@ -282,7 +289,43 @@ def server_status(proc, url: str, want: str, timeout: float = 60) -> dict:
     raise AssertionError(f"state never became {want!r}: {doc}")
 
 
-@pytest.mark.parametrize("case", ["valid", "bad_setting", "credentials_rejected", "kdc_unreachable"])
+class SilentPort:
+    """A TCP (and UDP) port that accepts and never answers: a hung KDC or database."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.tcp = socket.socket()
+        self.tcp.bind(("127.0.0.1", 0))
+        self.tcp.listen(16)
+        self.port = self.tcp.getsockname()[1]
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", self.port))
+        self.accepted: list = []
+        self.tcp.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.accepted.append(self.tcp.accept()[0])
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in self.accepted:
+            conn.close()
+        self.tcp.close()
+        self.udp.close()
+
+
+@pytest.mark.parametrize("case", ["valid", "bad_setting", "credentials_rejected", "kdc_unreachable", "kdc_hangs",
+                                  "check_hangs"])
 def test_a_real_server_logs_in_jupyters_format_and_stops_on_sigterm(case, sandbox, tmp_path):
     from conftest import write_config
 
@@ -292,8 +335,16 @@ def test_a_real_server_logs_in_jupyters_format_and_stops_on_sigterm(case, sandbo
     (tmp_path / "conf" / "kerb_jupyter.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     overrides: dict = {}
     krb5_conf = sandbox.realm.krb5_conf
-    want = {"valid": "valid", "bad_setting": "error", "credentials_rejected": "error",
-            "kdc_unreachable": "expired"}[case]
+    want = {"valid": "valid", "bad_setting": "error", "credentials_rejected": "error", "kdc_unreachable": "expired",
+            "kdc_hangs": "starting", "check_hangs": "valid"}[case]
+    silent = SilentPort() if case in ("kdc_hangs", "check_hangs") else None
+    if case == "kdc_hangs":
+        krb5_conf = tmp_path / "hung-krb5.conf"
+        krb5_conf.write_text(re.sub(r"kdc = 127\.0\.0\.1:\d+", f"kdc = 127.0.0.1:{silent.port}",
+                                    sandbox.realm.krb5_conf.read_text()))
+    elif case == "check_hangs":
+        overrides["clusters"] = {"hung": {"host": "localhost", "port": silent.port, "dbname": "x",
+                                          "connect_timeout": 600, "sslmode": "disable", "gssencmode": "disable"}}
     if case == "bad_setting":
         overrides["source"] = {"type": "keytab", "keytab": 42}
     elif case == "credentials_rejected":
@@ -311,6 +362,16 @@ def test_a_real_server_logs_in_jupyters_format_and_stops_on_sigterm(case, sandbo
             assert r.status == 200 and b"Kerberos credentials" in r.read()  # the page stays up
         if case == "kdc_unreachable":
             time.sleep(1.0)  # a few retries reach the log
+        if case == "check_hangs":
+            import threading
+
+            post = urllib.request.Request(url + "api/clusters/hung/check", method="POST", data=b"",
+                                          headers={"Authorization": "token t0ken"})
+            threading.Thread(target=lambda: _ignore_errors(urllib.request.urlopen, post, timeout=600),
+                             daemon=True).start()
+        if silent is not None:  # SIGTERM while the KDC (or the database) holds the call
+            while not silent.accepted:
+                time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -318,6 +379,8 @@ def test_a_real_server_logs_in_jupyters_format_and_stops_on_sigterm(case, sandbo
         except subprocess.TimeoutExpired:
             proc.kill()
             raise AssertionError("the server did not stop on SIGTERM") from None
+        if silent is not None:
+            silent.close()
     log = proc.stderr.read()
     assert rc == 0, log[-3000:]
     assert not marker.exists()
@@ -328,6 +391,14 @@ def test_a_real_server_logs_in_jupyters_format_and_stops_on_sigterm(case, sandbo
         assert "source.keytab must be a string, not int 42" in doc["last_error"]["message"]
     elif case == "credentials_rejected":
         assert doc["last_error"]["code"] == "credentials_rejected"
+    elif case == "kdc_hangs":  # the server did not wait for the hung Kerberos call to give up
+        assert doc["state"] == "starting" and "cannot reach the KDC" not in log
+    elif case == "check_hangs":
+        assert "api/clusters/hung/check" not in log  # the check never finished: tornado logs finished requests
+    elif case == "kdc_hangs":  # the server did not wait for the hung Kerberos call to give up
+        assert doc["state"] == "starting" and "cannot reach the KDC" not in log
+    elif case == "check_hangs":
+        assert "api/clusters/hung/check" not in log  # the check never finished: tornado logs finished requests
     elif case == "kdc_unreachable":
         retries = [line for line in ours if "retrying in" in line]
         assert len(retries) >= 2 and all(line.startswith(("[W ", "[E ")) for line in retries)
