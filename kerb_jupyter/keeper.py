@@ -159,7 +159,7 @@ class TicketKeeper:
             return self._record_failure(err, info, fatal=False)
         delay = max(self._renew_at(info) - self.clock(), 0.05)
         self.state.next_attempt = self.clock() + delay
-        self._save()
+        self._persist()
         return delay
 
     def _resolve(self) -> None:
@@ -287,13 +287,13 @@ class TicketKeeper:
                 self._rejected = (now, self._source_stamp())
             self.log.error("%s%s; not retrying until the configuration changes or a renewal is requested",
                            err, detail)
-            self._save()
+            self._persist()
             return float("inf")
         delay = self.retry_delay(s.consecutive_failures, None if expired or info is None else info.endtime - now)
         s.state = "expired" if expired else "retrying"
         s.next_attempt = now + delay
         (self.log.error if expired else self.log.warning)("%s%s; retrying in %.1f s", err, detail, delay)
-        self._save()
+        self._persist()
         return delay
 
     def retry_delay(self, failures: int, time_left: float | None) -> float:
@@ -324,6 +324,17 @@ class TicketKeeper:
             return 0.0
         return left
 
+    def _persist(self) -> None:
+        """Write state.json; a state directory that cannot be used is reported, never fatal to the keeper."""
+        try:
+            self._save()
+        except (KerbJupyterError, OSError) as err:
+            message = str(err) if isinstance(err, KerbJupyterError) else f"{err.strerror}: {err.filename}"
+            self.state.state, self.state.next_attempt = "error", None
+            self.state.last_error = {"code": getattr(err, "code", "os_error"), "message": message,
+                                     "at": _fmt(self.clock())}
+            self.log.error("cannot write the keeper's state file: %s", message)
+
     def _save(self) -> None:
         self.state.updated_at = self.clock()
         if self.state_file is None:
@@ -347,13 +358,19 @@ class TicketKeeper:
                 async with self._lock:
                     delay = await in_daemon_thread(self.step, name="kerb-jupyter-keeper")  # never raises
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=None if delay == float("inf") else delay)
-                # renew_now just made an attempt: sleep as it decided, never a second attempt right away
-                # (after rejected credentials that would be a second AS request towards an AD lockout).
-                delay = self._manual_delay
-            except asyncio.TimeoutError:
-                delay = None
+            # Woken by renew_now, which just made an attempt: sleep as it decided, never a second attempt right
+            # away (after rejected credentials that would be a second AS request towards an AD lockout).
+            delay = self._manual_delay if await self._sleep(delay) else None
+
+    async def _sleep(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds or until woken (True). Not ``wait_for``: on Python < 3.12 it can swallow a
+        cancellation that arrives as the wake-up does, and stop() would then wait for ever."""
+        waiter = asyncio.ensure_future(self._wake.wait())
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=None if delay == float("inf") else delay)
+        finally:
+            waiter.cancel()
+        return bool(done)
 
     async def renew_now(self) -> KeeperState:
         """Renew (or re-acquire) at once, also after a fatal error; returns the new state.
@@ -374,12 +391,11 @@ class TicketKeeper:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # stopping must succeed: the server is shutting down
-                self.log.error("the ticket keeper's task had failed", exc_info=True)
+            await asyncio.wait({task}, timeout=10)  # never hangs a shutdown, whatever the task does
+            if not task.done():
+                self.log.warning("the ticket keeper's task did not stop; leaving it")
+            elif not task.cancelled() and task.exception() is not None:  # stopping must succeed all the same
+                self.log.error("the ticket keeper's task had failed", exc_info=task.exception())
         self.state.state = "stopped" if self.state.state != "error" else self.state.state
         self.state.next_attempt = None
 

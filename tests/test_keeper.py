@@ -384,3 +384,26 @@ def test_a_new_secret_version_lifts_the_hold_after_rejection(sandbox, cache, aws
     assert keeper.renewal_hold() == 0
     keeper.step(force=True)
     assert keeper.state.state == "valid" and keeper.renewal_hold() == 0
+
+
+def test_a_state_directory_owned_by_someone_else_is_an_error_not_a_dead_keeper(sandbox, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    state = tmp_path / "theirs"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+
+    async def scenario():
+        keeper = keeper_for(sandbox, state / "krb5cc")
+        keeper.start()
+        while keeper.state.state not in ("error",):
+            await asyncio.sleep(0.02)
+        alive = not keeper._task.done()
+        after = await keeper.renew_now()
+        await keeper.stop()  # right after a renewal woke the loop: the stop is not lost (it once was)
+        return keeper, alive, after
+
+    keeper, alive, after = asyncio.run(scenario())
+    assert alive and after.state == "error"
+    assert str(state) in after.last_error["message"] and "uid 65534" in after.last_error["message"]
+    assert keeper.state.state == "error"
