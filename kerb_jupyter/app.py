@@ -246,13 +246,15 @@ class KerbJupyterApp(ExtensionApp):
 
     async def reload_if_changed(self) -> bool:
         """Re-read the configuration file if it changed since it was read (a renew request applies an edit
-        without a restart); returns whether it did."""
+        without a restart); returns whether it did, in which case the new keeper has made its first attempt."""
         if _file_stamp(self._config_path()) == self._stamp:
             return False
         self.log.info("the configuration %s changed: reading it again", self._config_path())
         await self._stop_keeper()
         self._configure()
-        self._start_keeper()
+        if self.keeper is not None and self.start_keeper:
+            await self.keeper.start_now()  # the one attempt a renew request makes
+            self._collector = metrics.register(self.keeper)
         return True
 
     def initialize_handlers(self) -> None:

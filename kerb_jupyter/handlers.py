@@ -112,11 +112,13 @@ class RenewHandler(BaseHandler):
     @authorized
     async def post(self) -> None:
         app = self.app
-        await app.reload_if_changed()  # an edited configuration applies now, without a restart
+        reloaded = await app.reload_if_changed()  # an edited configuration applies now, without a restart
         if app.keeper is None:
             if app.config_error is not None:
                 return self.write_problem("not_configured", f"there is no ticket to renew: {app.config_error}")
             return self.write_problem("not_configured", "there is no ticket to renew: nothing is configured")
+        if reloaded:  # the new keeper's first attempt was this request's attempt
+            return self._answer()
         if self.limited(app.renew_limiter, "renew"):
             return None
         held = await app.keeper.held()
@@ -125,11 +127,16 @@ class RenewHandler(BaseHandler):
             return self.write_problem("credentials_rejected", self._rejected(
                 f"not tried again for {_minutes(held)} to protect the account from lockout, unless the "
                 "keytab, secret or configuration changes first"))
-        state = await app.keeper.renew_now()
+        await app.keeper.renew_now()
+        return self._answer()
+
+    def _answer(self) -> None:
+        assert self.app.keeper is not None
+        state = self.app.keeper.state
         if state.state == "error" and (state.last_error or {}).get("code") == "credentials_rejected":
             return self.write_problem("credentials_rejected", self._rejected(
                 "fix the keytab or secret (a change is noticed at once), then renew again"))
-        self.write_json(status_doc(app))
+        self.write_json(status_doc(self.app))
         return None
 
     def _rejected(self, advice: str) -> str:

@@ -347,12 +347,19 @@ class TicketKeeper:
         os.replace(tmp, self.state_file)
 
     # -- the loop -------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, delay: float | None = None) -> None:
+        """Run the loop; its first step at once, or after ``delay`` seconds (a step was just made)."""
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="kerb_jupyter keeper")
+            self._task = asyncio.get_running_loop().create_task(self._run(delay), name="kerb_jupyter keeper")
 
-    async def _run(self) -> None:
-        delay: float | None = None
+    async def start_now(self) -> KeeperState:
+        """Make the first step here (one attempt, its outcome returned), then run the loop."""
+        async with self._lock:
+            delay = await in_daemon_thread(self.step, name="kerb-jupyter-keeper")
+        self.start(delay)
+        return self.state
+
+    async def _run(self, delay: float | None = None) -> None:
         while True:
             if delay is None:
                 async with self._lock:

@@ -261,14 +261,19 @@ async def test_many_hanging_checks_are_bounded_while_status_and_renew_answer(jp_
 
 
 # -- after rejected credentials: no lockout ---------------------------------------------------------------
+def stale_principal(sandbox, keytab):
+    """A principal whose keytab holds the wrong key (like a keytab left stale by a password change)."""
+    who = sandbox.realm.add_principal(f"bob{os.urandom(3).hex()}", password=os.urandom(8).hex(), keytab=keytab)
+    sandbox.realm.kadmin(f"cpw -pw {os.urandom(8).hex()} {who}")  # the keytab's key is now stale
+    return who
+
+
 @pytest.fixture
 def rejected_config(kj_config, sandbox, tmp_path):
-    """A principal whose keytab holds the wrong key (like a keytab left stale by a password change)."""
     from conftest import write_config
 
     keytab = tmp_path / "bob.keytab"
-    who = sandbox.realm.add_principal(f"bob{os.urandom(3).hex()}", password=os.urandom(8).hex(), keytab=keytab)
-    sandbox.realm.kadmin(f"cpw -pw {os.urandom(8).hex()} {who}")  # the keytab's key is now stale
+    who = stale_principal(sandbox, keytab)
     write_config(kj_config, sandbox, principal=who, source={"type": "keytab", "keytab": str(keytab)})
     return who, keytab
 
@@ -310,11 +315,19 @@ async def test_renew_after_rejected_credentials_answers_409_without_asking_the_k
 
 
 @pytest.mark.parametrize("jp_server_config", ["rejected"], indirect=True)
-async def test_a_changed_configuration_lifts_the_hold(jp_serverapp, kj_config, sandbox, jp_fetch):
+async def test_a_changed_configuration_lifts_the_hold(jp_serverapp, kj_config, sandbox, jp_fetch, tmp_path):
     from conftest import write_config
 
     await start_extensions(jp_serverapp)
     await wait_state(jp_fetch, "error")
+    # Another stale keytab: the edit is read by a renew request, which makes exactly one attempt for it.
+    other = stale_principal(sandbox, tmp_path / "other.keytab")
+    write_config(kj_config, sandbox, principal=other,
+                 source={"type": "keytab", "keytab": str(tmp_path / "other.keytab")})
+    for _ in range(3):
+        status, body = await call(jp_fetch, "renew", method="POST")
+        assert status == 409 and other in body["error"]["message"], body
+    assert as_requests(sandbox, other) == 1  # no preauth required here: one AS request per attempt
     write_config(kj_config, sandbox)  # the admin fixes the principal
     status, body = await call(jp_fetch, "renew", method="POST")
     assert status == 200 and body["principal"] == sandbox.principal
