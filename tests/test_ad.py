@@ -218,6 +218,7 @@ async def test_notebook_tag_is_root_relative_in_a_real_kernel(jp_serverapp, jp_r
                 [lines[label]] = [x for x in sandbox.servers["analytics"].log_text().splitlines()
                                   if marker in x and "/*" in x]
                 lines[label + "_env"] = env
+                lines[label + "_status"] = (await kernel.arun("%kerbstatus")).text
             finally:
                 kernel.close()
     finally:
@@ -227,6 +228,8 @@ async def test_notebook_tag_is_root_relative_in_a_real_kernel(jp_serverapp, jp_r
     assert "notebook='projects%2F2026%2Fq4%20report.ipynb'" in lines["notebook"]  # ... and what the database sees
     assert "pytest" not in lines["notebook"].split("/*", 1)[1]
     assert "notebook=" not in lines["bare"] and lines["bare_env"] == "None"
+    # %kerbstatus in the kernel: the renewable-until moment is days away, so it carries its date and zone.
+    assert re.search(r"renewable until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d [A-Z+\-0-9]+\)", lines["notebook_status"])
 
 
 def test_settings_are_listed_by_jupyter_help_all():
