@@ -377,8 +377,10 @@ def test_a_real_server_logs_in_jupyters_format_and_stops_on_sigterm(case, sandbo
                 time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
         try:
             rc = proc.wait(timeout=60)
+            print(f"{case}: stopped {time.monotonic() - sent:.2f} s after SIGTERM")
         except subprocess.TimeoutExpired:
             proc.kill()
             raise AssertionError("the server did not stop on SIGTERM") from None
