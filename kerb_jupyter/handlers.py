@@ -14,6 +14,7 @@ import time
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
@@ -176,6 +177,9 @@ class ClusterCheckHandler(BaseHandler):
             result = await in_daemon_thread(check_cluster, app, cluster.name, name="kerb-jupyter-check")
         except KerbJupyterError as err:
             return self.write_problem(err.code, str(err))
+        except psycopg.Error as err:  # e.g. an option libpq does not know: an answer, not a 500
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            return self.write_problem("connect_failed", f"cannot connect to cluster {cluster.name!r}: {first}")
         finally:
             app.checks_running -= 1
         self.write_json(result)

@@ -57,6 +57,9 @@ def jp_server_config(kj_config, sandbox, request):
         extra["max_concurrent_checks"] = 2
     elif variant == "rejected":
         request.getfixturevalue("rejected_config")
+    elif variant == "odd_option":
+        clusters = {"odd": {**sandbox.cluster_config("analytics"), "options": {"no_such_libpq_option": "1"}}}
+        write_config(kj_config, sandbox, clusters=clusters)
     else:
         clusters = {n: sandbox.cluster_config(n) for n in sandbox.servers}
         clusters["closed"] = {"host": "localhost", "port": free_port(), "dbname": "x", "connect_timeout": 2}
@@ -332,3 +335,12 @@ async def test_a_changed_configuration_lifts_the_hold(jp_serverapp, kj_config, s
     status, body = await call(jp_fetch, "renew", method="POST")
     assert status == 200 and body["principal"] == sandbox.principal
     await wait_state(jp_fetch, "valid")
+
+
+@pytest.mark.parametrize("jp_server_config", ["odd_option"], indirect=True)
+async def test_a_check_with_an_option_libpq_does_not_know_answers_json_not_500(jp_serverapp, jp_fetch):
+    await start_extensions(jp_serverapp)
+    status, body = await call(jp_fetch, "clusters", "odd", "check", method="POST")
+    # Refused where the configuration is loaded (404/409) or when connecting (502): never a 500 or a traceback.
+    assert status in (404, 409, 502) and body["error"]["code"] != "server_error", (status, body)
+    assert "Traceback" not in json.dumps(body)
