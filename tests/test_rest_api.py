@@ -51,7 +51,7 @@ def jp_server_config(kj_config, sandbox, request):
     extra = {"renew_min_interval": 0} if variant != "default" else {}
     if variant == "slow_checks":
         port = request.getfixturevalue("silent_listener")
-        clusters = {f"slow{i}": {"host": "localhost", "port": port, "dbname": "x", "connect_timeout": 6,
+        clusters = {f"slow{i}": {"host": "localhost", "port": port, "dbname": "x", "connect_timeout": 12,
                                  "sslmode": "disable", "gssencmode": "disable"} for i in range(10)}
         write_config(kj_config, sandbox, clusters=clusters)
         extra["max_concurrent_checks"] = 2
