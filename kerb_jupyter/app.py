@@ -15,7 +15,7 @@ from traitlets.config.application import Application
 from traitlets.config.loader import ConfigFileNotFound
 
 from . import __version__, checks, metrics
-from .config import ENV_CONFIG, Settings, default_config_path, load_settings
+from .config import ENV_CONFIG, Settings, default_config_path, load_settings, validate_principal
 from .errors import ConfigError, KerbJupyterError
 from .handlers import RateLimiter
 from .keeper import TicketKeeper
@@ -218,6 +218,8 @@ class KerbJupyterApp(ExtensionApp):
         return settings
 
     def _make_keeper(self, settings: Settings) -> TicketKeeper | None:
+        if self.principal:
+            validate_principal(self.principal, "KerbJupyterApp.principal")
         principal = self.principal or settings.principal
         resolve = None
         if not principal and (settings.identity or settings.mapping):

@@ -115,6 +115,8 @@ async def test_a_malformed_config_file_is_reported_not_fatal(bad_config, jp_serv
     ("max_concurrent_checks", 0, "KerbJupyterApp.max_concurrent_checks must be from 1 to 64, not 0"),
     ("ticket_lifetime", "10h", "KerbJupyterApp.ticket_lifetime: The 'ticket_lifetime' trait"),
     ("start_keeper", "maybe", "KerbJupyterApp.start_keeper: The 'start_keeper' trait"),
+    ("principal", "alice@lower.case", "KerbJupyterApp.principal: 'alice@lower.case' is not a Kerberos principal"),
+    ("rejected_cooldown", [1], "KerbJupyterApp.rejected_cooldown: The 'rejected_cooldown' trait"),
 ])
 async def test_an_invalid_setting_is_reported_and_the_extension_still_loads(
         jp_configurable_serverapp, kj_config, setting, value, message):
