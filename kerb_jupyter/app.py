@@ -104,6 +104,14 @@ class KerbJupyterApp(ExtensionApp):
             raise TraitError(f"KerbJupyterApp.{proposal['trait'].name} must be at least 0.1 s, not {value}")
         return value
 
+    @validate("ticket_lifetime", "renewable_lifetime", "rejected_cooldown", "renew_min_interval",
+              "check_min_interval")
+    def _check_not_negative(self, proposal: Any) -> Any:
+        value = proposal["value"]
+        if value < 0:
+            raise TraitError(f"KerbJupyterApp.{proposal['trait'].name} must be 0 or more, not {value}")
+        return value
+
     @validate("max_concurrent_checks")
     def _check_pool(self, proposal: Any) -> int:
         value = int(proposal["value"])

@@ -117,6 +117,8 @@ async def test_a_malformed_config_file_is_reported_not_fatal(bad_config, jp_serv
     ("start_keeper", "maybe", "KerbJupyterApp.start_keeper: The 'start_keeper' trait"),
     ("principal", "alice@lower.case", "KerbJupyterApp.principal: 'alice@lower.case' is not a Kerberos principal"),
     ("rejected_cooldown", [1], "KerbJupyterApp.rejected_cooldown: The 'rejected_cooldown' trait"),
+    ("ticket_lifetime", -60, "KerbJupyterApp.ticket_lifetime must be 0 or more, not -60"),
+    ("renewable_lifetime", -1, "KerbJupyterApp.renewable_lifetime must be 0 or more, not -1"),
 ])
 async def test_an_invalid_setting_is_reported_and_the_extension_still_loads(
         jp_configurable_serverapp, kj_config, setting, value, message):
