@@ -203,7 +203,7 @@ class KerbJupyterApp(ExtensionApp):
             who = f"principal from identity ({', '.join(map(str, order))}) and mapping rules"
         self.log.info(
             "kerb_jupyter %s: %s, ticket from %s, cache %s, clusters: %s", __version__, who,
-            self.keeper.source.describe() if self.keeper else "(nothing)", self.settings_obj.cache_path,
+            self.keeper.state.source if self.keeper else "(nothing)", self.settings_obj.cache_path,
             ", ".join(self.settings_obj.clusters) or "(none)",
         )
 
