@@ -4,12 +4,10 @@ Each ``step`` (run in a thread: Kerberos calls block) looks at the cache and dec
 source, renew, or nothing; then it says how long to sleep. Only a ticket that is still valid is renewed
 (Active Directory refuses to renew an expired one): an expired ticket is re-acquired from the source at once.
 Renewal happens at ``renew_fraction`` of the lifetime (with jitter) but always early enough for two more
-attempts before expiry. Failures retry with a capped exponential backoff starting at ``retry_interval``,
-capped at a third of the time the ticket has left, and never sooner than ``retry_interval``; rejected
-credentials (wrong password, disabled account, keytab for someone else) stop the retries so an AD account is
-never locked out, and a manual renewal is then held for ``rejected_cooldown`` unless the credential source
-changes. Whatever goes wrong becomes an ``error`` state: the task never dies. The snapshot is also written
-to ``state.json`` next to the cache, for kernels to read.
+attempts before expiry. Failures retry on the schedule of ``pacing.retry_delay``; rejected credentials (wrong
+password, disabled account, keytab for someone else) stop the retries so an AD account is never locked out,
+and a manual renewal is then held for ``rejected_cooldown`` unless the credential source changes. Whatever
+goes wrong becomes an ``error`` state: the task never dies. The snapshot is also written to ``state.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import lockout, tickets
+from . import pacing, tickets
 from .errors import (
     CacheError,
     ConfigError,
@@ -297,22 +295,12 @@ class TicketKeeper:
         return delay
 
     def retry_delay(self, failures: int, time_left: float | None) -> float:
-        """Seconds before retry number ``failures`` (1 = the first retry).
-
-        ``retry_interval`` doubling per failure up to ``max_retry_interval``; while the ticket is still valid
-        (``time_left`` seconds) at most a third of that, so more attempts land before it expires; never less
-        than ``retry_interval``; then 0-``jitter`` (5%) longer, so servers whose tickets were issued together
-        spread out instead of hitting a recovering KDC in step.
-        """
-        delay = min(self.retry_interval * 2 ** min(failures - 1, 60), self.max_retry_interval)
-        if time_left is not None:
-            delay = min(delay, time_left / 3)
-        delay = max(delay, self.retry_interval)
-        return float(delay * (1 + random.uniform(0, self.jitter)))
+        """Seconds before retry number ``failures``; see ``pacing.retry_delay``."""
+        return pacing.retry_delay(failures, time_left, self.retry_interval, self.max_retry_interval, self.jitter)
 
     # -- manual renewal after rejected credentials ------------------------------------------------
     def _source_stamp(self) -> Any:
-        return lockout.source_stamp(self.source, self.principal)
+        return pacing.source_stamp(self.source, self.principal)
 
     def renewal_hold(self) -> float:
         """Seconds a manual renewal stays refused after rejected credentials (0: go ahead). Blocks (AWS)."""

@@ -1,12 +1,29 @@
-"""Whether a credential source changed since the KDC rejected it: keytab or cache file, or secret version."""
+"""How often the keeper may ask the KDC: the retry schedule, and whether a rejected credential source changed."""
 
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 from .errors import KerbJupyterError
 from .sources import SecretsManagerSource, Source, quiet_aws_debug_logs
+
+
+def retry_delay(failures: int, time_left: float | None, retry_interval: float, max_retry_interval: float,
+                jitter: float) -> float:
+    """Seconds before retry number ``failures`` (1 = the first retry).
+
+    ``retry_interval`` doubling per failure up to ``max_retry_interval``; while the ticket is still valid
+    (``time_left`` seconds) at most a third of that, so more attempts land before it expires; never less than
+    ``retry_interval``; then 0-``jitter`` (5%) longer, so servers whose tickets were issued together spread out
+    instead of hitting a recovering KDC in step.
+    """
+    delay = min(retry_interval * 2 ** min(failures - 1, 60), max_retry_interval)
+    if time_left is not None:
+        delay = min(delay, time_left / 3)
+    delay = max(delay, retry_interval)
+    return float(delay * (1 + random.uniform(0, jitter)))
 
 
 def source_stamp(source: Source, principal: str | None) -> Any:
