@@ -165,20 +165,33 @@ def krb5_conf(realm: str, kdcs: list[str], domains: list[str]) -> str:
 
 
 def show_status(as_json: bool) -> int:
-    from .config import load_settings
+    """The shared ticket and the keeper's state; a configuration problem (a KERB_JUPYTER_CONFIG naming a
+    file that does not exist, a malformed file) is said first, then what the default locations hold."""
+    from .config import ENV_CONFIG, Settings, load_settings
+    from .errors import ConfigError
     from .status import credential_status
 
-    status = credential_status(load_settings())
+    config_error: ConfigError | None = None
+    try:
+        settings = load_settings(os.environ.get(ENV_CONFIG) or None)
+    except ConfigError as err:
+        missing = os.environ.get(ENV_CONFIG) and "does not exist" in str(err)
+        config_error = ConfigError(f"{err} (named by {ENV_CONFIG})") if missing else err
+        settings = Settings(path=None)
+    status = credential_status(settings)
     if as_json:
         print(json.dumps({
+            "config_error": {"code": config_error.code, "message": str(config_error)} if config_error else None,
             "cache": status.cache,
             "ticket": status.ticket.as_dict() if status.ticket else None,
             "keeper": status.keeper,
             "error": {"code": status.error.code, "message": str(status.error)} if status.error else None,
         }, indent=2))
     else:
+        if config_error is not None:
+            print(f"configuration: {config_error}")
         print(repr(status))
-    return 0 if status.ticket else 1
+    return 0 if status.ticket and config_error is None else 1
 
 
 if __name__ == "__main__":

@@ -276,8 +276,8 @@ class KerbSqlMagics(Magics):
         if not self.settings.cluster(cluster).tagging:
             return ""
         identity = (db.keeper_state(self.settings) or {}).get("identity") or {}
-        return _tag_comment(principal, identity.get("arn") or identity.get("name"),
-                            os.environ.get("JPY_SESSION_NAME"))
+        notebook = _notebook_path(os.environ.get("JPY_SESSION_NAME"), os.environ.get("KERB_JUPYTER_ROOT_DIR"))
+        return _tag_comment(principal, identity.get("arn") or identity.get("name"), notebook)
 
     def _list(self) -> ResultSet:
         from .results import Column
@@ -357,6 +357,25 @@ class Progress:
 def _tag_comment(principal: str, aws_identity: str | None, notebook: str | None) -> str:
     return build_comment({"app": "kerb_jupyter", "principal": principal, "aws_identity": aws_identity,
                           "notebook": notebook, "kernel": _kernel_id()})
+
+
+@functools.lru_cache(maxsize=16)
+def _notebook_path(session_name: str | None, root_dir: str | None) -> str | None:
+    """The notebook's path relative to the server's root_dir, never the server's own file-system path.
+
+    Jupyter gives kernels ``JPY_SESSION_NAME`` as an absolute path; the kerb_jupyter server extension exports
+    its root_dir as ``KERB_JUPYTER_ROOT_DIR``. A path outside the root (or an unknown root) gives only the
+    file name; no session name (a kernel without a notebook) gives nothing."""
+    if not session_name:
+        return None
+    if not os.path.isabs(session_name):
+        return session_name.replace(os.sep, "/")
+    if root_dir and os.path.isabs(root_dir):
+        for name, root in ((session_name, root_dir), (os.path.realpath(session_name), os.path.realpath(root_dir))):
+            rel = os.path.relpath(name, root)
+            if rel != ".." and not rel.startswith(".." + os.sep):
+                return rel.replace(os.sep, "/")
+    return os.path.basename(session_name) or None
 
 
 @functools.cache

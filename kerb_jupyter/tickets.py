@@ -9,6 +9,7 @@ thread. Errors are translated into the kerb_jupyter tree; messages never carry k
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 import struct
@@ -77,8 +78,16 @@ def _context() -> krb5.Context:
 
 
 def _classify(err: krb5.Krb5Error, what: str, principal: str) -> TicketError:
+    """The error a user reads: krb5's words without its number (kept as ``krb5_code`` for logs and the API)."""
     code = err.err_code
-    text = str(err) or f"Kerberos error {code}"
+    error = _classify_words(err, what, principal)
+    error.krb5_code = code  # type: ignore[attr-defined]
+    return error
+
+
+def _classify_words(err: krb5.Krb5Error, what: str, principal: str) -> TicketError:
+    code = err.err_code
+    text = re.sub(r"\s*-?\d{6,}$", "", str(err)).strip() or "an unexplained Kerberos error"
     if code in KDC_UNREACHABLE:
         return KdcUnreachableError(f"{what} for {principal}: cannot reach the KDC ({text})")
     if code in REJECTED:
