@@ -328,13 +328,9 @@ class TicketKeeper:
         self.state.updated_at = self.clock()
         if self.state_file is None:
             return
-        # A fresh 0600 file under an unpredictable name in the checked state directory, renamed into place. The
-        # snapshot is a copy for kernels: failing to write it is logged, never fatal (the state says why anyway).
-        try:
-            files.write_private(self.state_file, json.dumps(self.state.as_dict()).encode())
-        except (KerbJupyterError, OSError) as err:
-            log.warning("kerb_jupyter: cannot write the state file %s: %s", self.state_file,
-                        err if isinstance(err, KerbJupyterError) else err.strerror)
+        # A fresh 0600 file under an unpredictable name in the checked state directory, renamed into place.
+        # Raises; ``_persist`` reports a failure as the keeper's error state without stopping the keeper.
+        files.write_private(self.state_file, json.dumps(self.state.as_dict()).encode())
 
     # -- the loop -------------------------------------------------------------------------------------
     def start(self, delay: float | None = None) -> None:
