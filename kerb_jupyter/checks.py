@@ -8,10 +8,10 @@ from typing import Any
 
 from .errors import ConfigError
 
-SOURCE_TYPES = ("keytab", "existing_cache", "secretsmanager_keytab", "secretsmanager_password")
+SOURCE_TYPES = ("keytab", "existing_cache", "secretsmanager_keytab", "secretsmanager_password", "broker")
 RESOLVERS = ("config", "jupyterhub", "studio_space", "notebook_tag", "sts")
 _STRING_KEYS = {
-    "source": ("keytab", "cache", "secret_id", "region"),
+    "source": ("keytab", "cache", "secret_id", "region", "url", "audience", "ca_bundle", "sts_url"),
     "identity": ("user", "region", "metadata_file", "owner_tag", "notebook_arn"),
 }
 

@@ -216,5 +216,6 @@ def build_source(spec: dict[str, Any], client_factory: ClientFactory | None = No
         from .brokersource import build_broker_source
 
         return build_broker_source(spec)
-    allowed = "keytab, existing_cache, secretsmanager_keytab, secretsmanager_password, broker"
-    raise ConfigError(f"source.type {kind!r:.40} is not one of: {allowed}")
+    from .checks import SOURCE_TYPES
+
+    raise ConfigError(f"source.type {kind!r:.40} is not one of: {', '.join(SOURCE_TYPES)}")
