@@ -3,7 +3,8 @@
 Every column gets a ``ColumnPlan``: the Arrow type pyarrow's CSV reader parses its text into, and (for the
 types the CSV reader cannot parse) a vectorised conversion from that text. Types without a faithful Arrow
 equivalent stay text, with a note; a value a typed column cannot hold is an error naming column and value.
-``Decoder`` turns one block of COPY's CSV into those columns.
+``Decoder`` turns one block of COPY's CSV into those columns; a column holding a value its Arrow type cannot hold
+(``infinity``, BC dates, ``24:00:00``, NaN in numeric(p, s)) becomes PostgreSQL's text, with a note.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from .errors import DatabaseError
+from .pgtext import cell_text
 
 Convert = Callable[[pa.Array], pa.Array]
 
@@ -58,6 +60,7 @@ class ColumnPlan:
     convert: Convert | None = None  # text -> final Arrow type, per block
     infer: bool = False  # unconstrained numeric: decimal type chosen from the values
     note: str = ""
+    oid: int = 0  # the PostgreSQL type (a domain's base type)
 
 
 def lookup_sql() -> str:
@@ -77,6 +80,12 @@ def plan_column(name: str, oid: int, typmod: int, types: Mapping[int, PgType]) -
     info = types.get(oid)
     while info is not None and info.kind == "d" and info.base:  # a domain is its base type
         oid, info = info.base, types.get(info.base)
+    plan = _plan(name, oid, typmod, info, types)
+    plan.oid = oid
+    return plan
+
+
+def _plan(name: str, oid: int, typmod: int, info: PgType | None, types: Mapping[int, PgType]) -> ColumnPlan:
     type_name = _name(oid, types)
     if oid in SCALARS:
         return ColumnPlan(name, type_name, SCALARS[oid][1])
@@ -154,7 +163,7 @@ def infer_decimal(name: str, text: pa.Array | pa.ChunkedArray) -> pa.DataType | 
 
 
 def cast_decimal(name: str, text: pa.Array | pa.ChunkedArray, target: pa.DataType) -> Any:
-    """Cast numeric text to ``target``; a value that does not fit is an error naming column and value."""
+    """Cast numeric text to ``target``; a value that does not fit raises BadValue naming it."""
     try:
         return pc.cast(text, target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -164,7 +173,7 @@ def cast_decimal(name: str, text: pa.Array | pa.ChunkedArray, target: pa.DataTyp
             try:
                 pa.array([Decimal(value)], target)
             except (pa.ArrowInvalid, ArithmeticError, ValueError):
-                raise conversion_error(name, str(target), value) from None
+                raise BadValue(str(target), value) from None
         raise
 
 
@@ -176,11 +185,12 @@ class BadValue(ValueError):
         self.type_name, self.value = type_name, value
 
 
-def conversion_error(column: str, type_name: str, value: str) -> DatabaseError:
+def conversion_error(column: str, type_name: str, value: str, row: int) -> DatabaseError:
+    """The error when a column's Arrow type is fixed already (``--to`` wrote earlier rows with it)."""
     shown = value if len(value) <= 60 else value[:59] + "…"
     return DatabaseError(
-        f"column {column!r}: the value {shown!r} does not fit Arrow's {type_name}; cast or filter it in SQL "
-        "(for example ::text), or run the cell without --dataframe/--arrow/--polars/--to",
+        f"column {column!r}, row {row}: the value {shown!r} does not fit Arrow's {type_name}, the type earlier "
+        "rows were written with; cast or filter it in SQL (for example ::text), or export to .csv",
         code="arrow_conversion")
 
 
@@ -281,39 +291,83 @@ def parse_array(text: str) -> list[str | None]:
 
 
 _CSV_ERROR = re.compile(r"column #(\d+): .*?(?:invalid value|The string) '(.*)'", re.S)
+_QUOTED = re.compile(r"'(.*)'", re.S)
 
 
 class Decoder:
-    """CSV block -> one converted Arrow array per column. ``streaming``: types fixed by the first block."""
+    """CSV block -> one converted Arrow array per column. ``streaming``: types fixed by the first block.
+
+    A value a column's Arrow type cannot hold turns that column into PostgreSQL's text (with a note), unless
+    ``fixed`` (an export wrote rows with the type already): then it is an error naming column, row and value.
+    """
 
     def __init__(self, plans: list[ColumnPlan]) -> None:
         self.plans = plans
         self.names = [f"c{i}" for i in range(len(plans))]  # result columns may share a name
         self.notes = [p.note for p in plans if p.note]
         self.decimals: dict[int, pa.DataType | None] = {}
-        text = any(pa.types.is_string(p.read_as) for p in plans)
+        self.texts: dict[int, ColumnPlan] = {}  # columns turned text: their original plans
+        self.rows = 0  # rows decoded so far
+        self.fixed = False
         self._read = pcsv.ReadOptions(column_names=self.names, use_threads=True)
+        self._options()
+
+    def _options(self) -> None:
+        text = any(pa.types.is_string(p.read_as) for p in self.plans)
         self._parse = pcsv.ParseOptions(newlines_in_values=text)
         self._convert = pcsv.ConvertOptions(
-            column_types=dict(zip(self.names, (p.read_as for p in plans))), null_values=[""],
+            column_types=dict(zip(self.names, (p.read_as for p in self.plans))), null_values=[""],
             strings_can_be_null=True, quoted_strings_can_be_null=False, true_values=["t"], false_values=["f"])
 
     def decode(self, block: bytearray | bytes, streaming: bool = False) -> list[pa.ChunkedArray]:
-        """Raises DatabaseError naming column and value when one does not fit its Arrow type."""
+        """Raises DatabaseError naming column, row and value when one does not fit a fixed Arrow type."""
         if not self.plans:
             return []
-        try:
-            table = self._read_csv(block)
-        except pa.ArrowInvalid as err:
-            raise self._error(err) from None
+        while True:
+            try:
+                table = self._read_csv(block)
+                break
+            except pa.ArrowInvalid as err:
+                m = _CSV_ERROR.search(str(err))
+                if m is None or int(m.group(1)) >= len(self.plans):
+                    raise DatabaseError(f"Arrow could not read the result: {err}", code="arrow_conversion") from None
+                i = int(m.group(1))
+                self._to_text(i, m.group(2), block)
         out = []
         for i, (plan, column) in enumerate(zip(self.plans, table.columns)):
-            if plan.convert is not None:
-                column = self._converted(plan, column)
-            elif plan.infer and streaming:
-                column = self._decimal(i, column, first=i not in self.decimals)
+            try:
+                if plan.convert is not None:
+                    column = self._converted(plan, column)
+                elif plan.infer and streaming:
+                    column = self._decimal(i, column, first=i not in self.decimals)
+            except BadValue as bad:
+                self._to_text(i, bad.value, block)
             out.append(column)
+        self.rows += table.num_rows
         return out
+
+    def _to_text(self, i: int, value: str, block: bytearray | bytes) -> None:
+        """Column ``i`` holds ``value``, which its Arrow type cannot: from now on it is PostgreSQL's text."""
+        plan = self.plans[i]
+        if self.fixed:
+            column = self._text_column(block, i)
+            row = pc.index(column, value).as_py()
+            if row < 0:  # an element of an array
+                row = pc.index(pc.match_substring(column, value), True).as_py()
+            raise conversion_error(plan.name, plan.type_name, value, self.rows + row + 1)
+        self.texts.setdefault(i, plan)
+        self.plans[i] = ColumnPlan(plan.name, plan.type_name, pa.string(), oid=plan.oid)
+        self.decimals.pop(i, None)
+        shown = value if len(value) <= 60 else value[:59] + "…"
+        self.notes.append(f"column {plan.name!r} ({plan.type_name}) holds {shown!r}, which Arrow cannot: "
+                          "the whole column is returned as PostgreSQL's text")
+        self._options()
+
+    def _text_column(self, block: bytearray | bytes, i: int) -> pa.ChunkedArray:
+        only = pcsv.ConvertOptions(column_types={self.names[i]: pa.string()}, include_columns=[self.names[i]],
+                                   null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False)
+        whole = pcsv.ReadOptions(column_names=self.names, use_threads=True, block_size=len(block) + 1)
+        return pcsv.read_csv(pa.py_buffer(block), whole, self._parse, only).column(0)
 
     def _read_csv(self, block: bytearray | bytes) -> pa.Table:
         try:
@@ -329,8 +383,9 @@ class Decoder:
         assert plan.convert is not None
         try:
             chunks = [plan.convert(chunk) for chunk in column.chunks]
-        except BadValue as bad:
-            raise conversion_error(plan.name, bad.type_name, bad.value) from None
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:  # an array element (infinity in date[])
+            m = _QUOTED.search(str(err))
+            raise BadValue(plan.type_name, m.group(1) if m else str(err)) from None
         return pa.chunked_array(chunks, chunks[0].type if chunks else plan.convert(pa.array([], pa.string())).type)
 
     def _decimal(self, i: int, column: pa.ChunkedArray, first: bool) -> pa.ChunkedArray:
@@ -344,21 +399,23 @@ class Decoder:
         return column if target is None else cast_decimal(plan.name, column, target)
 
     def finish_column(self, i: int, chunks: list[pa.ChunkedArray]) -> pa.ChunkedArray:
-        """All the blocks of column ``i`` as one column; unconstrained numeric gets its decimal type here."""
+        """All the blocks of column ``i`` as one column; unconstrained numeric gets its decimal type here, and a
+        column turned text has its earlier, typed blocks as PostgreSQL's text too."""
         plan = self.plans[i]
         if not chunks:
             empty = pa.array([], plan.read_as)
             if plan.convert is not None:
                 return pa.chunked_array([], plan.convert(pa.array([], pa.string())).type)
             return pa.chunked_array([], pa.decimal128(38, 0) if plan.infer else empty.type)
+        if i in self.texts:
+            chunks = [c if pa.types.is_string(c.type) else self._as_text(i, c) for c in chunks]
         column = pa.chunked_array([c for part in chunks for c in part.chunks], chunks[0].type)
         if plan.infer and i not in self.decimals:
             return self._decimal(i, column, first=True)
         return column
 
-    def _error(self, err: pa.ArrowInvalid) -> DatabaseError:
-        m = _CSV_ERROR.search(str(err))
-        if m is None or int(m.group(1)) >= len(self.plans):
-            return DatabaseError(f"Arrow could not read the result: {err}", code="arrow_conversion")
-        plan = self.plans[int(m.group(1))]
-        return conversion_error(plan.name, str(plan.read_as), m.group(2))
+    def _as_text(self, i: int, column: pa.ChunkedArray) -> pa.ChunkedArray:
+        """Values decoded before their column turned text, as COPY wrote them (UTC, ISO; pgtext's rules)."""
+        oid = self.texts[i].oid
+        text = [None if v is None else cell_text(v, oid) for v in column.to_pylist()]
+        return pa.chunked_array([pa.array(text, pa.string())], pa.string())
