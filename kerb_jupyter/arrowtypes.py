@@ -60,7 +60,6 @@ class ColumnPlan:
     convert: Convert | None = None  # text -> final Arrow type, per block
     infer: bool = False  # unconstrained numeric: decimal type chosen from the values
     note: str = ""
-    oid: int = 0  # the PostgreSQL type (a domain's base type)
 
 
 def lookup_sql() -> str:
@@ -80,12 +79,6 @@ def plan_column(name: str, oid: int, typmod: int, types: Mapping[int, PgType]) -
     info = types.get(oid)
     while info is not None and info.kind == "d" and info.base:  # a domain is its base type
         oid, info = info.base, types.get(info.base)
-    plan = _plan(name, oid, typmod, info, types)
-    plan.oid = oid
-    return plan
-
-
-def _plan(name: str, oid: int, typmod: int, info: PgType | None, types: Mapping[int, PgType]) -> ColumnPlan:
     type_name = _name(oid, types)
     if oid in SCALARS:
         return ColumnPlan(name, type_name, SCALARS[oid][1])
@@ -178,20 +171,11 @@ def cast_decimal(name: str, text: pa.Array | pa.ChunkedArray, target: pa.DataTyp
 
 
 class BadValue(ValueError):
-    """A value a conversion cannot represent; the caller adds the column's name (``conversion_error``)."""
+    """A value a conversion cannot represent; the Decoder adds the column's name."""
 
     def __init__(self, type_name: str, value: str) -> None:
         super().__init__(type_name, value)
         self.type_name, self.value = type_name, value
-
-
-def conversion_error(column: str, type_name: str, value: str, row: int) -> DatabaseError:
-    """The error when a column's Arrow type is fixed already (``--to`` wrote earlier rows with it)."""
-    shown = value if len(value) <= 60 else value[:59] + "…"
-    return DatabaseError(
-        f"column {column!r}, row {row}: the value {shown!r} does not fit Arrow's {type_name}, the type earlier "
-        "rows were written with; cast or filter it in SQL (for example ::text), or export to .csv",
-        code="arrow_conversion")
 
 
 # -- conversions from COPY's text --------------------------------------------------------------------------------
@@ -291,22 +275,17 @@ def parse_array(text: str) -> list[str | None]:
 
 
 _CSV_ERROR = re.compile(r"column #(\d+): .*?(?:invalid value|The string) '(.*)'", re.S)
-_QUOTED = re.compile(r"'(.*)'", re.S)
 
 
 class Decoder:
-    """CSV block -> one converted Arrow array per column. ``streaming``: types fixed by the first block.
-
-    A value a column's Arrow type cannot hold turns that column into PostgreSQL's text (with a note), unless
-    ``fixed`` (an export wrote rows with the type already): then it is an error naming column, row and value.
-    """
+    """CSV block -> one Arrow array per column. ``streaming``: types fixed by the first block; ``fixed``: by a write."""
 
     def __init__(self, plans: list[ColumnPlan]) -> None:
         self.plans = plans
         self.names = [f"c{i}" for i in range(len(plans))]  # result columns may share a name
         self.notes = [p.note for p in plans if p.note]
         self.decimals: dict[int, pa.DataType | None] = {}
-        self.texts: dict[int, ColumnPlan] = {}  # columns turned text: their original plans
+        self.texts: set[int] = set()  # columns turned text
         self.rows = 0  # rows decoded so far
         self.fixed = False
         self._read = pcsv.ReadOptions(column_names=self.names, use_threads=True)
@@ -329,9 +308,9 @@ class Decoder:
                 break
             except pa.ArrowInvalid as err:
                 m = _CSV_ERROR.search(str(err))
-                if m is None or int(m.group(1)) >= len(self.plans):
+                i = int(m.group(1)) if m else len(self.plans)
+                if m is None or i >= len(self.plans) or pa.types.is_string(self.plans[i].read_as):
                     raise DatabaseError(f"Arrow could not read the result: {err}", code="arrow_conversion") from None
-                i = int(m.group(1))
                 self._to_text(i, m.group(2), block)
         out = []
         for i, (plan, column) in enumerate(zip(self.plans, table.columns)):
@@ -347,27 +326,27 @@ class Decoder:
         return out
 
     def _to_text(self, i: int, value: str, block: bytearray | bytes) -> None:
-        """Column ``i`` holds ``value``, which its Arrow type cannot: from now on it is PostgreSQL's text."""
-        plan = self.plans[i]
+        """Column ``i`` holds ``value``, which its Arrow type cannot: from now on it is PostgreSQL's text, with a
+        note; unless ``fixed``: then an error naming column, row and value."""
+        plan, shown = self.plans[i], value if len(value) <= 60 else value[:59] + "…"
         if self.fixed:
-            column = self._text_column(block, i)
+            only = pcsv.ConvertOptions(column_types={self.names[i]: pa.string()}, include_columns=[self.names[i]],
+                                       null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False)
+            whole = pcsv.ReadOptions(column_names=self.names, use_threads=True, block_size=len(block) + 1)
+            column = pcsv.read_csv(pa.py_buffer(block), whole, self._parse, only).column(0)
             row = pc.index(column, value).as_py()
             if row < 0:  # an element of an array
                 row = pc.index(pc.match_substring(column, value), True).as_py()
-            raise conversion_error(plan.name, plan.type_name, value, self.rows + row + 1)
-        self.texts.setdefault(i, plan)
-        self.plans[i] = ColumnPlan(plan.name, plan.type_name, pa.string(), oid=plan.oid)
+            raise DatabaseError(
+                f"column {plan.name!r}, row {self.rows + row + 1}: the value {shown!r} does not fit Arrow's "
+                f"{plan.type_name}, the type earlier rows were written with; cast or filter it in SQL (for example "
+                "::text), or export to .csv", code="arrow_conversion")
+        self.texts.add(i)
+        self.plans[i] = ColumnPlan(plan.name, plan.type_name, pa.string())
         self.decimals.pop(i, None)
-        shown = value if len(value) <= 60 else value[:59] + "…"
         self.notes.append(f"column {plan.name!r} ({plan.type_name}) holds {shown!r}, which Arrow cannot: "
                           "the whole column is returned as PostgreSQL's text")
         self._options()
-
-    def _text_column(self, block: bytearray | bytes, i: int) -> pa.ChunkedArray:
-        only = pcsv.ConvertOptions(column_types={self.names[i]: pa.string()}, include_columns=[self.names[i]],
-                                   null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False)
-        whole = pcsv.ReadOptions(column_names=self.names, use_threads=True, block_size=len(block) + 1)
-        return pcsv.read_csv(pa.py_buffer(block), whole, self._parse, only).column(0)
 
     def _read_csv(self, block: bytearray | bytes) -> pa.Table:
         try:
@@ -384,7 +363,7 @@ class Decoder:
         try:
             chunks = [plan.convert(chunk) for chunk in column.chunks]
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:  # an array element (infinity in date[])
-            m = _QUOTED.search(str(err))
+            m = re.search(r"'(.*)'", str(err), re.S)
             raise BadValue(plan.type_name, m.group(1) if m else str(err)) from None
         return pa.chunked_array(chunks, chunks[0].type if chunks else plan.convert(pa.array([], pa.string())).type)
 
@@ -399,23 +378,22 @@ class Decoder:
         return column if target is None else cast_decimal(plan.name, column, target)
 
     def finish_column(self, i: int, chunks: list[pa.ChunkedArray]) -> pa.ChunkedArray:
-        """All the blocks of column ``i`` as one column; unconstrained numeric gets its decimal type here, and a
-        column turned text has its earlier, typed blocks as PostgreSQL's text too."""
+        """All the blocks of column ``i`` as one column; unconstrained numeric gets its decimal type here."""
         plan = self.plans[i]
         if not chunks:
             empty = pa.array([], plan.read_as)
             if plan.convert is not None:
                 return pa.chunked_array([], plan.convert(pa.array([], pa.string())).type)
             return pa.chunked_array([], pa.decimal128(38, 0) if plan.infer else empty.type)
-        if i in self.texts:
-            chunks = [c if pa.types.is_string(c.type) else self._as_text(i, c) for c in chunks]
+        if i in self.texts:  # blocks decoded before the column turned text: as COPY wrote them (pgtext's rules)
+            chunks = [c if pa.types.is_string(c.type) else _as_text(c) for c in chunks]
         column = pa.chunked_array([c for part in chunks for c in part.chunks], chunks[0].type)
         if plan.infer and i not in self.decimals:
             return self._decimal(i, column, first=True)
         return column
 
-    def _as_text(self, i: int, column: pa.ChunkedArray) -> pa.ChunkedArray:
-        """Values decoded before their column turned text, as COPY wrote them (UTC, ISO; pgtext's rules)."""
-        oid = self.texts[i].oid
-        text = [None if v is None else cell_text(v, oid) for v in column.to_pylist()]
-        return pa.chunked_array([pa.array(text, pa.string())], pa.string())
+
+def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    single = {pa.float32(): 700, pa.list_(pa.float32()): 1021}.get(column.type, 0)  # float4's shortest digits
+    text = [None if v is None else cell_text(v, single) for v in column.to_pylist()]
+    return pa.chunked_array([pa.array(text, pa.string())], pa.string())
