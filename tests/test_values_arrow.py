@@ -181,6 +181,8 @@ def test_int8_with_nulls_nan_and_timestamps_are_exact_through_copy(shell, capsys
     assert frame.ts[1] == pd.Timestamp("2026-01-01 00:00:00.000001") and frame.ts[0].year == 9999
     assert frame.tstz[1] == pd.Timestamp("0001-01-01 12:00", tz="UTC")
     assert frame.b.tolist() == [False, True, pd.NA] and frame.ts[2] is pd.NaT
+    free = run(shell, "%kerbsql analytics --dataframe SELECT x FROM (VALUES (12.50::numeric), (1.5), (NULL)) t(x)")
+    assert [repr(x) for x in free.x] == ["Decimal('12.50')", "Decimal('1.50')", "None"]  # the README's caveat
 
 
 def test_infinity_makes_its_column_text_and_leaves_the_rest_typed(shell, capsys):  # noqa: F811
