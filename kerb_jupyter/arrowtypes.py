@@ -293,7 +293,7 @@ class Decoder:
 
     def _options(self) -> None:
         text = any(pa.types.is_string(p.read_as) for p in self.plans)
-        self._parse = pcsv.ParseOptions(newlines_in_values=text)
+        self._parse = pcsv.ParseOptions(newlines_in_values=text, ignore_empty_lines=False)  # one NULL column
         self._convert = pcsv.ConvertOptions(
             column_types=dict(zip(self.names, (p.read_as for p in self.plans))), null_values=[""],
             strings_can_be_null=True, quoted_strings_can_be_null=False, true_values=["t"], false_values=["f"])

@@ -183,6 +183,8 @@ def test_int8_with_nulls_nan_and_timestamps_are_exact_through_copy(shell, capsys
     assert frame.b.tolist() == [False, True, pd.NA] and frame.ts[2] is pd.NaT
     free = run(shell, "%kerbsql analytics --dataframe SELECT x FROM (VALUES (12.50::numeric), (1.5), (NULL)) t(x)")
     assert [repr(x) for x in free.x] == ["Decimal('12.50')", "Decimal('1.50')", "None"]  # the README's caveat
+    one = run(shell, "%kerbsql analytics --arrow SELECT x FROM (VALUES (NULL::int8), (1), (NULL)) t(x)")
+    assert one.column("x").to_pylist() == [None, 1, None]  # a one-column NULL row is an empty CSV line: kept
 
 
 def test_infinity_makes_its_column_text_and_leaves_the_rest_typed(shell, capsys):  # noqa: F811
