@@ -189,6 +189,10 @@ def test_values_arrow_cannot_hold_make_their_column_text_with_a_note(shell, caps
                "returned as PostgreSQL's text" in out, (sql, out)
         assert table.column(column).type == pa.string() and table.column(column).to_pylist() == text, sql
     frame = run(shell, "%kerbsql analytics --dataframe SELECT 'NaN'::numeric(5, 2) AS n, 1.5::numeric(5,2) AS m")
+    run(shell, "%kerbsql analytics CREATE TEMP TABLE once (d date)")  # DML ... RETURNING: run once, never again
+    returned = run(shell, "%kerbsql analytics --arrow INSERT INTO once VALUES ('infinity'), ('2026-01-01') RETURNING d")
+    assert returned.column("d").to_pylist() == ["infinity", "2026-01-01"]
+    assert run(shell, "%kerbsql analytics SELECT count(*) FROM once").rows == [(2,)]
     n, m = frame.iloc[0]
     assert isinstance(n, Decimal) and n.is_nan() and repr(m) == "Decimal('1.50')"  # numeric text: Decimals
 
