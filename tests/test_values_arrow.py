@@ -183,6 +183,11 @@ def test_int8_with_nulls_nan_and_timestamps_are_exact_through_copy(shell, capsys
     assert frame.b.tolist() == [False, True, pd.NA] and frame.ts[2] is pd.NaT
     free = run(shell, "%kerbsql analytics --dataframe SELECT x FROM (VALUES (12.50::numeric), (1.5), (NULL)) t(x)")
     assert [repr(x) for x in free.x] == ["Decimal('12.50')", "Decimal('1.50')", "None"]  # the README's caveat
+    dup = run(shell, "%kerbsql analytics --dataframe SELECT 1 AS a, NULL::int8 AS a, 1.5::float8 AS f, ARRAY[1] AS l")
+    assert list(dup.columns) == ["a", "a", "f", "l"] and [str(t) for t in dup.dtypes] == ["Int32", "Int64", "Float64",
+                                                                                         "object"]
+    only_objects = run(shell, "%kerbsql analytics --dataframe SELECT 1.5::float8 AS f, ARRAY[1] AS l")
+    assert only_objects.shape == (1, 2) and only_objects.l[0] == [1]
     one = run(shell, "%kerbsql analytics --arrow SELECT x FROM (VALUES (NULL::int8), (1), (NULL)) t(x)")
     assert one.column("x").to_pylist() == [None, 1, None]  # a one-column NULL row is an empty CSV line: kept
 
