@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from decimal import Decimal
 from typing import Any, Protocol
 
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 from psycopg import errors as pgerrors
 
 from .arrowtypes import ColumnPlan, Decoder, PgType, lookup_sql, plan_column, unknown_oids
@@ -274,8 +277,9 @@ class Collector:
         assert decoder is not None
         columns = [decoder.finish_column(i, chunks) for i, chunks in enumerate(self._chunks)]
         self._chunks = []
-        if columns:
-            self.table = pa.Table.from_arrays(columns, names=[p.name for p in decoder.plans])
+        if columns:  # each field says its PostgreSQL type (to_output's numpy-backed pandas reads it)
+            self.table = pa.Table.from_arrays(columns, schema=pa.schema(
+                [pa.field(p.name, c.type, metadata={"pg_type": p.type_name}) for p, c in zip(decoder.plans, columns)]))
         else:  # SELECT FROM t: rows without columns
             rows_only = pa.RecordBatch.from_struct_array(pa.array([{}] * max(rows, 0), pa.struct([])))
             self.table = pa.Table.from_batches([rows_only])
@@ -301,8 +305,70 @@ def to_output(table: pa.Table, kind: str, dtype_backend: str = "numpy") -> Any:
         import pandas as pd
 
         return table.to_pandas(types_mapper=pd.ArrowDtype)
-    # Frees each Arrow column once converted: the peak is not table + DataFrame (the table is unusable after).
-    return table.to_pandas(split_blocks=True, self_destruct=True)
+    return numpy_frame(table)
+
+
+def numpy_frame(table: pa.Table) -> Any:
+    """pandas with the dtypes of the psycopg path (README): nullable Int16/32/64 and boolean, Float64 with NaN and
+    NULL apart, datetime64[us]; lists, numeric and uuid as Python objects; timestamptz stays UTC. Consumes the table.
+    """
+    import pandas as pd
+
+    names = table.column_names
+    if not names:
+        return table.to_pandas()
+    table = table.rename_columns([str(i) for i in range(len(names))])  # types_mapper mixes up duplicate names
+    objects: dict[int, Any] = {}
+    for i, field in enumerate(table.schema):
+        pg_type = (field.metadata or {}).get(b"pg_type", b"").decode()
+        if pa.types.is_floating(field.type):
+            objects[i] = _floats(table.column(i))
+        elif pa.types.is_list(field.type) or (pg_type in ("numeric", "uuid") and pa.types.is_string(field.type)):
+            objects[i] = _objects(table.column(i), pg_type)
+        elif pa.types.is_dictionary(field.type):  # enums: str, as on the psycopg path (not category)
+            table = table.set_column(i, field.with_type(pa.string()), table.column(i).cast(pa.string()))
+    rest = table.select([i for i in range(len(names)) if i not in objects])
+    del table
+    nullable = {pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype(),
+                pa.bool_(): pd.BooleanDtype()}
+    # Frees each Arrow column once converted: the peak is not table + DataFrame.
+    frame = rest.to_pandas(types_mapper=nullable.get, split_blocks=True, self_destruct=True)
+    for i, values in sorted(objects.items()):
+        frame.insert(i, str(i), values)
+    frame.columns = names
+    return frame
+
+
+def _exact64(column: Any) -> Any:
+    """float4 as float64 with its shortest digits (0.1, as psql prints it; not 0.10000000149011612)."""
+    return pc.cast(pc.cast(column, pa.string()), pa.float64())
+
+
+def _floats(column: pa.ChunkedArray) -> Any:
+    import pandas as pd
+
+    if column.type == pa.float32():
+        column = _exact64(column)
+    data = pc.fill_null(column, 0.0).to_numpy()
+    return pd.arrays.FloatingArray(data, pc.is_null(column).to_numpy(zero_copy_only=False))
+
+
+def _objects(column: pa.ChunkedArray, pg_type: str) -> Any:
+    """Python lists (of exact values), Decimal for numeric text (NaN, Infinity), uuid.UUID: an object array."""
+    import numpy as np
+
+    if pa.types.is_list(column.type) and column.type.value_type == pa.float32():
+        column = pa.chunked_array([pa.ListArray.from_arrays(c.offsets, _exact64(c.values), mask=c.is_null())
+                                   for c in column.chunks], pa.list_(pa.float64()))
+    make = {"numeric": Decimal, "_numeric": Decimal, "uuid": uuid.UUID, "_uuid": uuid.UUID}.get(pg_type)
+    values = column.to_pylist()
+    if make is not None and pa.types.is_list(column.type):
+        values = [None if v is None else [make(x) if isinstance(x, str) else x for x in v] for v in values]
+    elif make is not None:
+        values = [None if v is None else make(v) for v in values]
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
 _INTERVAL_FIELDS = pa.struct([("months", pa.int32()), ("days", pa.int32()), ("nanoseconds", pa.int64())])

@@ -3,7 +3,8 @@
 Every column gets a ``ColumnPlan``: the Arrow type pyarrow's CSV reader parses its text into, and (for the
 types the CSV reader cannot parse) a vectorised conversion from that text. Types without a faithful Arrow
 equivalent stay text, with a note; a value a typed column cannot hold is an error naming column and value.
-``Decoder`` turns one block of COPY's CSV into those columns.
+``Decoder`` turns one block of COPY's CSV into those columns; a column holding a value its Arrow type cannot hold
+(``infinity``, BC dates, ``24:00:00``, NaN in numeric(p, s)) becomes PostgreSQL's text, with a note.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from .errors import DatabaseError
+from .pgtext import cell_text
 
 Convert = Callable[[pa.Array], pa.Array]
 
@@ -154,7 +156,7 @@ def infer_decimal(name: str, text: pa.Array | pa.ChunkedArray) -> pa.DataType | 
 
 
 def cast_decimal(name: str, text: pa.Array | pa.ChunkedArray, target: pa.DataType) -> Any:
-    """Cast numeric text to ``target``; a value that does not fit is an error naming column and value."""
+    """Cast numeric text to ``target``; a value that does not fit raises BadValue naming it."""
     try:
         return pc.cast(text, target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -164,24 +166,16 @@ def cast_decimal(name: str, text: pa.Array | pa.ChunkedArray, target: pa.DataTyp
             try:
                 pa.array([Decimal(value)], target)
             except (pa.ArrowInvalid, ArithmeticError, ValueError):
-                raise conversion_error(name, str(target), value) from None
+                raise BadValue(str(target), value) from None
         raise
 
 
 class BadValue(ValueError):
-    """A value a conversion cannot represent; the caller adds the column's name (``conversion_error``)."""
+    """A value a conversion cannot represent; the Decoder adds the column's name."""
 
     def __init__(self, type_name: str, value: str) -> None:
         super().__init__(type_name, value)
         self.type_name, self.value = type_name, value
-
-
-def conversion_error(column: str, type_name: str, value: str) -> DatabaseError:
-    shown = value if len(value) <= 60 else value[:59] + "…"
-    return DatabaseError(
-        f"column {column!r}: the value {shown!r} does not fit Arrow's {type_name}; cast or filter it in SQL "
-        "(for example ::text), or run the cell without --dataframe/--arrow/--polars/--to",
-        code="arrow_conversion")
 
 
 # -- conversions from COPY's text --------------------------------------------------------------------------------
@@ -284,36 +278,75 @@ _CSV_ERROR = re.compile(r"column #(\d+): .*?(?:invalid value|The string) '(.*)'"
 
 
 class Decoder:
-    """CSV block -> one converted Arrow array per column. ``streaming``: types fixed by the first block."""
+    """CSV block -> one Arrow array per column. ``streaming``: types fixed by the first block; ``fixed``: by a write."""
 
     def __init__(self, plans: list[ColumnPlan]) -> None:
         self.plans = plans
         self.names = [f"c{i}" for i in range(len(plans))]  # result columns may share a name
         self.notes = [p.note for p in plans if p.note]
         self.decimals: dict[int, pa.DataType | None] = {}
-        text = any(pa.types.is_string(p.read_as) for p in plans)
+        self.texts: set[int] = set()  # columns turned text
+        self.rows = 0  # rows decoded so far
+        self.fixed = False
         self._read = pcsv.ReadOptions(column_names=self.names, use_threads=True)
-        self._parse = pcsv.ParseOptions(newlines_in_values=text)
+        self._options()
+
+    def _options(self) -> None:
+        text = any(pa.types.is_string(p.read_as) for p in self.plans)
+        self._parse = pcsv.ParseOptions(newlines_in_values=text, ignore_empty_lines=False)  # one NULL column
         self._convert = pcsv.ConvertOptions(
-            column_types=dict(zip(self.names, (p.read_as for p in plans))), null_values=[""],
+            column_types=dict(zip(self.names, (p.read_as for p in self.plans))), null_values=[""],
             strings_can_be_null=True, quoted_strings_can_be_null=False, true_values=["t"], false_values=["f"])
 
     def decode(self, block: bytearray | bytes, streaming: bool = False) -> list[pa.ChunkedArray]:
-        """Raises DatabaseError naming column and value when one does not fit its Arrow type."""
+        """Raises DatabaseError naming column, row and value when one does not fit a fixed Arrow type."""
         if not self.plans:
             return []
-        try:
-            table = self._read_csv(block)
-        except pa.ArrowInvalid as err:
-            raise self._error(err) from None
+        while True:
+            try:
+                table = self._read_csv(block)
+                break
+            except pa.ArrowInvalid as err:
+                m = _CSV_ERROR.search(str(err))
+                i = int(m.group(1)) if m else len(self.plans)
+                if m is None or i >= len(self.plans) or pa.types.is_string(self.plans[i].read_as):
+                    raise DatabaseError(f"Arrow could not read the result: {err}", code="arrow_conversion") from None
+                self._to_text(i, m.group(2), block)
         out = []
         for i, (plan, column) in enumerate(zip(self.plans, table.columns)):
-            if plan.convert is not None:
-                column = self._converted(plan, column)
-            elif plan.infer and streaming:
-                column = self._decimal(i, column, first=i not in self.decimals)
+            try:
+                if plan.convert is not None:
+                    column = self._converted(plan, column)
+                elif plan.infer and streaming:
+                    column = self._decimal(i, column, first=i not in self.decimals)
+            except BadValue as bad:
+                self._to_text(i, bad.value, block)
             out.append(column)
+        self.rows += table.num_rows
         return out
+
+    def _to_text(self, i: int, value: str, block: bytearray | bytes) -> None:
+        """Column ``i`` holds ``value``, which its Arrow type cannot: from now on it is PostgreSQL's text, with a
+        note; unless ``fixed``: then an error naming column, row and value."""
+        plan, shown = self.plans[i], value if len(value) <= 60 else value[:59] + "…"
+        if self.fixed:
+            only = pcsv.ConvertOptions(column_types={self.names[i]: pa.string()}, include_columns=[self.names[i]],
+                                       null_values=[""], strings_can_be_null=True, quoted_strings_can_be_null=False)
+            whole = pcsv.ReadOptions(column_names=self.names, use_threads=True, block_size=len(block) + 1)
+            column = pcsv.read_csv(pa.py_buffer(block), whole, self._parse, only).column(0)
+            row = pc.index(column, value).as_py()
+            if row < 0:  # an element of an array
+                row = pc.index(pc.match_substring(column, value), True).as_py()
+            raise DatabaseError(
+                f"column {plan.name!r}, row {self.rows + row + 1}: the value {shown!r} does not fit Arrow's "
+                f"{plan.type_name}, the type earlier rows were written with; cast or filter it in SQL (for example "
+                "::text), or export to .csv", code="arrow_conversion")
+        self.texts.add(i)
+        self.plans[i] = ColumnPlan(plan.name, plan.type_name, pa.string())
+        self.decimals.pop(i, None)
+        self.notes.append(f"column {plan.name!r} ({plan.type_name}) holds {shown!r}, which Arrow cannot: "
+                          "the whole column is returned as PostgreSQL's text")
+        self._options()
 
     def _read_csv(self, block: bytearray | bytes) -> pa.Table:
         try:
@@ -329,8 +362,9 @@ class Decoder:
         assert plan.convert is not None
         try:
             chunks = [plan.convert(chunk) for chunk in column.chunks]
-        except BadValue as bad:
-            raise conversion_error(plan.name, bad.type_name, bad.value) from None
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:  # an array element (infinity in date[])
+            m = re.search(r"'(.*)'", str(err), re.S)
+            raise BadValue(plan.type_name, m.group(1) if m else str(err)) from None
         return pa.chunked_array(chunks, chunks[0].type if chunks else plan.convert(pa.array([], pa.string())).type)
 
     def _decimal(self, i: int, column: pa.ChunkedArray, first: bool) -> pa.ChunkedArray:
@@ -351,14 +385,15 @@ class Decoder:
             if plan.convert is not None:
                 return pa.chunked_array([], plan.convert(pa.array([], pa.string())).type)
             return pa.chunked_array([], pa.decimal128(38, 0) if plan.infer else empty.type)
+        if i in self.texts:  # blocks decoded before the column turned text: as COPY wrote them (pgtext's rules)
+            chunks = [c if pa.types.is_string(c.type) else _as_text(c) for c in chunks]
         column = pa.chunked_array([c for part in chunks for c in part.chunks], chunks[0].type)
         if plan.infer and i not in self.decimals:
             return self._decimal(i, column, first=True)
         return column
 
-    def _error(self, err: pa.ArrowInvalid) -> DatabaseError:
-        m = _CSV_ERROR.search(str(err))
-        if m is None or int(m.group(1)) >= len(self.plans):
-            return DatabaseError(f"Arrow could not read the result: {err}", code="arrow_conversion")
-        plan = self.plans[int(m.group(1))]
-        return conversion_error(plan.name, str(plan.read_as), m.group(2))
+
+def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    single = {pa.float32(): 700, pa.list_(pa.float32()): 1021}.get(column.type, 0)  # float4's shortest digits
+    text = [None if v is None else cell_text(v, single) for v in column.to_pylist()]
+    return pa.chunked_array([pa.array(text, pa.string())], pa.string())

@@ -76,6 +76,7 @@ class Exporter:
                 table = pa.Table.from_arrays(self._decoder.decode(block, streaming=True), names=self._names())
                 if self._writer is None:
                     self._writer = self._open(table.schema)
+                    self._decoder.fixed = True  # from now on a value that does not fit is an error naming it
                 self._writer.write_table(table)
                 self.rows += table.num_rows
         except (OSError, pa.ArrowException) as err:

@@ -130,11 +130,13 @@ def all_columns(base: list[list[str]]) -> list[tuple[str, str, list[str]]]:
     return columns
 
 
-def psql(sandbox, cache, sql: str, stdin: bool = False, tz: str = TZ, datestyle: str = "ISO, MDY") -> str:
+def psql(sandbox, cache, sql: str, stdin: bool = False, tz: str = TZ, datestyle: str = "ISO, MDY",
+         options: str = "") -> str:
     server = sandbox.servers["analytics"]
     env = {**os.environ, "KRB5CCNAME": f"FILE:{cache}", "KRB5_CONFIG": str(sandbox.realm.krb5_conf),
            "PGHOST": "localhost", "PGPORT": str(server.port), "PGDATABASE": "analytics",
-           "PGUSER": sandbox.principal, "PGGSSENCMODE": "prefer", "PGTZ": tz, "PGDATESTYLE": datestyle}
+           "PGUSER": sandbox.principal, "PGGSSENCMODE": "prefer", "PGTZ": tz, "PGDATESTYLE": datestyle,
+           "PGOPTIONS": options}
     done = subprocess.run(["psql", "-X", "-v", "ON_ERROR_STOP=1", "-At", "-z", "-0", "-P", f"null={NULL}",
                            *([] if stdin else ["-c", sql])], input=sql.encode() if stdin else None,
                           env=env, capture_output=True, timeout=60)
@@ -143,9 +145,9 @@ def psql(sandbox, cache, sql: str, stdin: bool = False, tz: str = TZ, datestyle:
 
 
 def psql_rows(sandbox, cache, sql: str, ncols: int, stdin: bool = False, tz: str = TZ,
-              datestyle: str = "ISO, MDY") -> list[list[str]]:
+              datestyle: str = "ISO, MDY", options: str = "") -> list[list[str]]:
     """Rows as psql -At prints them (fields and records NUL-separated: no PostgreSQL text holds a NUL)."""
-    out = psql(sandbox, cache, sql, stdin, tz, datestyle)
+    out = psql(sandbox, cache, sql, stdin, tz, datestyle, options)
     fields = out.removesuffix("\x00").split("\x00") if out else []
     assert len(fields) % ncols == 0, out
     return [fields[i:i + ncols] for i in range(0, len(fields), ncols)]

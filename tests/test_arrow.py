@@ -172,18 +172,49 @@ def test_many_blocks_give_the_same_table_as_one(conn):
     assert whole.table.column("n").type == pa.decimal128(38, 0)
 
 
-def test_values_arrow_cannot_hold_are_errors_naming_column_and_value(shell, plain, capsys):
-    cases = {"SELECT 1 AS ok, 'infinity'::timestamp AS ts": ("'ts'", "'infinity'"),
-             "SELECT '-infinity'::date AS d": ("'d'", "'-infinity'"),
-             "SELECT 'NaN'::numeric(5, 2) AS n": ("'n'", "'NaN'"),
-             "SELECT '24:00:00'::time AS tm": ("'tm'", "'24:00:00'"),
-             "SELECT ARRAY[[1,2],[3,4]] AS grid": ("'grid'", "'{{1,2},{3,4}}'")}
-    for sql, (column, value) in cases.items():
-        run(shell, f"%kerbsql analytics --dataframe {sql}")
-        err = capsys.readouterr().err
-        assert f"column {column}: the value {value} does not fit Arrow's" in err, (sql, err)
-    with pytest.raises(psycopg.DataError):  # the psycopg path cannot load it either
-        plain.execute("SELECT 'infinity'::timestamp").fetchone()
+def test_values_arrow_cannot_hold_make_their_column_text_with_a_note(shell, capsys):
+    """Never an error for the whole result: that column is PostgreSQL's text (every value of it), said in a note."""
+    cases = {"SELECT 1 AS ok, 'infinity'::timestamp AS ts": ("ts", "timestamp", "'infinity'", ["infinity"]),
+             "SELECT '-infinity'::date AS d": ("d", "date", "'-infinity'", ["-infinity"]),
+             "SELECT 'NaN'::numeric(5, 2) AS n": ("n", "numeric", "'NaN'", ["NaN"]),
+             "SELECT 'NaN'::numeric(50, 2) AS n": ("n", "numeric", "'NaN'", ["NaN"]),
+             "SELECT '24:00:00'::time AS tm": ("tm", "time", "'24:00:00'", ["24:00:00"]),
+             "SELECT ARRAY['infinity'::date, '2026-01-01'] AS ad": ("ad", "_date", "'infinity'",
+                                                                     ["{infinity,2026-01-01}"]),
+             "SELECT ARRAY[[1,2],[3,4]] AS grid": ("grid", "_int4", "'{{1,2},{3,4}}'", ["{{1,2},{3,4}}"])}
+    for sql, (column, type_name, value, text) in cases.items():
+        table = run(shell, f"%kerbsql analytics --arrow {sql}")
+        out = capsys.readouterr().out
+        assert f"kerbsql: column {column!r} ({type_name}) holds {value}, which Arrow cannot: the whole column is " \
+               "returned as PostgreSQL's text" in out, (sql, out)
+        assert table.column(column).type == pa.string() and table.column(column).to_pylist() == text, sql
+    frame = run(shell, "%kerbsql analytics --dataframe SELECT 'NaN'::numeric(5, 2) AS n, 1.5::numeric(5,2) AS m")
+    run(shell, "%kerbsql analytics CREATE TEMP TABLE once (d date)")  # DML ... RETURNING: run once, never again
+    returned = run(shell, "%kerbsql analytics --arrow INSERT INTO once VALUES ('infinity'), ('2026-01-01') RETURNING d")
+    assert returned.column("d").to_pylist() == ["infinity", "2026-01-01"]
+    assert run(shell, "%kerbsql analytics SELECT count(*) FROM once").rows == [(2,)]
+    n, m = frame.iloc[0]
+    assert isinstance(n, Decimal) and n.is_nan() and repr(m) == "Decimal('1.50')"  # numeric text: Decimals
+
+
+def test_a_value_arrow_cannot_hold_after_earlier_blocks_keeps_the_earlier_text_exact(conn):
+    """The column turns text at its 5th block: the blocks decoded before are PostgreSQL's text as well."""
+    sql = ("SELECT g, CASE WHEN g = 4000 THEN 'infinity' ELSE timestamptz '2026-01-01 00:00:00.5+00' + g * "
+           "interval '1 day' END AS ts, CASE WHEN g = 4500 THEN NULL ELSE ARRAY[(g * 0.25)::float4] END AS af, "
+           "CASE WHEN g = 4999 THEN '-infinity' ELSE date '2000-01-01' END AS d FROM generate_series(1, 5000) g")
+    pieces = arrow.Collector()
+    pieces.block_bytes = 1000
+    arrow.run_copy(conn, sql, {}, QueryOptions(), consumer=pieces)
+    assert pieces.table is not None and pieces.table.column("ts").num_chunks > 10
+    conn.execute("SET TIME ZONE 'UTC'")
+    want = {r[0]: r[1:] for r in conn.execute(
+        sql.replace("END AS ts", "END::text AS ts").replace("END AS d", "END::text AS d")
+        .replace("END AS af", "END::text AS af")).fetchall()}
+    conn.execute("RESET TIME ZONE")
+    got = pieces.table.to_pylist()
+    assert [(r["ts"], r["d"]) for r in got] == [(want[g][0], want[g][2]) for g in range(1, 5001)]
+    assert pieces.table.column("af").type == pa.list_(pa.float32())  # fits: stays typed
+    assert sum("holds" in n for n in pieces.notes) == 2
 
 
 def test_types_without_arrow_form_are_text_with_a_note(shell, capsys):
@@ -198,7 +229,7 @@ def test_types_without_arrow_form_are_text_with_a_note(shell, capsys):
 def test_outputs_pandas_backends_and_polars(shell):
     sql = "SELECT g AS id, g * 0.5 AS half, md5(g::text) AS label FROM generate_series(1, 100) g"
     df = run(shell, f"%kerbsql analytics --dataframe {sql}")
-    assert df.shape == (100, 3) and str(df["id"].dtype) == "int32"
+    assert df.shape == (100, 3) and str(df["id"].dtype) == "Int32"
     assert df["label"].iloc[0] == "c4ca4238a0b923820dcc509a6f75849b"
     run(shell, "%config KerbSqlMagics.dtype_backend = 'pyarrow'")
     df = run(shell, f"%kerbsql analytics --dataframe {sql}")
@@ -307,13 +338,19 @@ def test_failed_export_leaves_no_partial_file_and_the_old_file_intact(shell, tmp
     run(shell, f"%kerbsql analytics --to {target} SELECT repeat('x', 200) AS pad, 1 / (g - 300000) AS boom "
                "FROM generate_series(1, 400000) g")
     assert "SQL error 22012: division by zero" in capsys.readouterr().err
-    run(shell, f"%kerbsql analytics --to {target} SELECT CASE WHEN g < 300000 THEN now()::timestamp "
-               "ELSE 'infinity' END AS ts FROM generate_series(1, 400000) g")
-    assert "column 'ts': the value 'infinity' does not fit" in capsys.readouterr().err
+    # 'infinity' after row groups were written with timestamp: only now an error, naming column, row and value
+    run(shell, f"%kerbsql analytics --to {target} SELECT repeat('x', 200) AS pad, CASE WHEN g < 300000 THEN "
+               "now()::timestamp ELSE 'infinity' END AS ts FROM generate_series(1, 400000) g")
+    assert "column 'ts', row 300000: the value 'infinity' does not fit Arrow's timestamp" in capsys.readouterr().err
     assert target.read_bytes() == b"the previous export"
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".part"]
     run(shell, f"%kerbsql analytics --to {target} SELECT 1 AS one")  # a complete export replaces it
     assert pq.read_table(target).to_pylist() == [{"one": 1}]
+    # in the first block nothing is written yet: the column becomes text, as for --dataframe
+    run(shell, f"%kerbsql analytics --to {target} SELECT g, CASE WHEN g = 2 THEN 'infinity' ELSE date '2026-01-01' "
+               "END AS d FROM generate_series(1, 3) g")
+    assert "column 'd' (date) holds 'infinity'" in capsys.readouterr().out
+    assert pq.read_table(target).column("d").to_pylist() == ["2026-01-01", "infinity", "2026-01-01"]
 
 
 def test_bad_targets_are_refused_before_running(shell, tmp_path, capsys):
