@@ -25,7 +25,7 @@ from ..errors import SandboxError
 from . import DEMO_SQL
 from .ldap import LdapRealm
 from .postgres import Postgres
-from .procs import free_port, tail, wait_for_port
+from .procs import free_port, start_daemon, stop_process
 from .sts import ACCOUNT, REGION, SSO_ROLE, MotoSts
 
 AUDIENCE = "kerb-jupyter-broker.sandbox"
@@ -133,26 +133,14 @@ class BrokerSandbox:
             return
         env = {**os.environ, "KRB5_CONFIG": str(self.realm.krb5_conf)}
         env = {k: v for k, v in env.items() if not k.startswith(("AWS_", "KRB5CCNAME", "KERB_JUPYTER"))}
-        log = open(self.broker_dir / "broker.log", "ab")
         cmd = [sys.executable, "-c", "import sys; from kerb_jupyter.cli import main; sys.exit(main())",
                "broker", "--config", str(self.broker_config)]
-        with log:
-            self.broker_proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                start_new_session=True)
-        if not wait_for_port(self.broker_port, self.broker_proc, 30):
-            text = (self.broker_dir / "broker.log").read_text(errors="replace")
-            self.stop_broker()
-            raise SandboxError(f"the broker did not start: {tail(text)}")
+        self.broker_proc = start_daemon("the broker", cmd, self.broker_port, self.broker_dir / "broker.log",
+                                        timeout=30, env=env)
 
     def stop_broker(self) -> None:
         proc, self.broker_proc = self.broker_proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
 
     def reload_broker(self) -> None:
         """SIGHUP: the broker re-reads its policy (keeping the old one if the new one is bad)."""

@@ -5,13 +5,12 @@ from __future__ import annotations
 import gzip
 import os
 import secrets
-import signal
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import SandboxError
-from .procs import find_binary, free_port, port_is_free, tail, wait_for_port
+from .procs import find_binary, free_port, port_is_free, start_daemon, stop_process, tail
 from .realm import MASTER_PASSWORD, Realm
 
 LDAP_PACKAGES = "slapd ldap-utils krb5-kdc-ldap"
@@ -110,26 +109,14 @@ access to *
             return
         if not port_is_free(self.port):
             raise SandboxError(f"port 127.0.0.1:{self.port} for slapd is already in use")
-        with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(
-                [find_binary("slapd", LDAP_PACKAGES), "-d", "32768", "-f", str(self.conf), "-h", self.url + "/"],
-                cwd=self.root, stdout=log, stderr=log, start_new_session=True,
-            )
-        if not wait_for_port(self.port, self.proc, timeout=10):
-            log_text = tail(_read(self.log_file))
-            self.stop()
-            raise SandboxError(f"slapd did not start on 127.0.0.1:{self.port}: {log_text}")
+        self.proc = start_daemon(
+            "slapd", [find_binary("slapd", LDAP_PACKAGES), "-d", "32768", "-f", str(self.conf), "-h", self.url + "/"],
+            self.port, self.log_file, cwd=self.root,
+        )
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
 
     @property
     def running(self) -> bool:
@@ -354,11 +341,4 @@ def _kerberos_schema() -> bytes:
             data = path.read_bytes()
             return gzip.decompress(data) if path.suffix == ".gz" else data
     raise SandboxError(f"MIT's Kerberos LDAP schema was not found: install the Debian packages {LDAP_PACKAGES}")
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
 

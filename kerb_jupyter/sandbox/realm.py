@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 from ..errors import SandboxError
-from .procs import find_binary, port_is_free, tail, wait_for_port
+from .procs import find_binary, free_port, port_is_free, start_daemon, stop_process, tail, wait_port_free
 
 KDC_PACKAGES = "krb5-kdc krb5-admin-server krb5-user"
 MASTER_PASSWORD = "sandbox-master-not-secret"  # noqa: S105 - a throwaway local realm
@@ -51,8 +49,6 @@ class Realm:
         """Write the configuration and create the KDC database (idempotent for the same root)."""
         self.root.mkdir(parents=True, exist_ok=True)
         if not self.port:
-            from .procs import free_port
-
             self.port = free_port()
         elif not port_is_free(self.port):
             raise SandboxError(
@@ -171,31 +167,17 @@ class Realm:
             return
         if not port_is_free(self.port):
             raise SandboxError(f"port 127.0.0.1:{self.port} for the KDC is already in use")
-        env = {**os.environ, **self.env}
-        with open(self.root / "krb5kdc.stderr", "ab") as err:
-            self.proc = subprocess.Popen(
-                [find_binary("krb5kdc", KDC_PACKAGES), "-n", "-r", self.realm],
-                env=env, cwd=self.root, stdout=err, stderr=err, start_new_session=True,
-            )
-        if not wait_for_port(self.port, self.proc, timeout=10):
-            log = tail(_read(self.log_file) + _read(self.root / "krb5kdc.stderr"))
-            self.stop()
-            raise SandboxError(f"the KDC did not start on 127.0.0.1:{self.port}: {log}")
+        self.proc = start_daemon("the KDC", [find_binary("krb5kdc", KDC_PACKAGES), "-n", "-r", self.realm],
+                                 self.port, self.root / "krb5kdc.stderr", env={**os.environ, **self.env},
+                                 cwd=self.root, own_logs=[self.log_file])
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, timeout=5)
         # krb5kdc has released the port once it exits; wait so a restart can bind again.
-        deadline = time.monotonic() + 5
-        while not port_is_free(self.port) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_port_free(self.port, 5)
 
     @property
     def running(self) -> bool:
@@ -204,10 +186,3 @@ class Realm:
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
