@@ -23,7 +23,7 @@ from ..errors import SandboxError
 from . import DEMO_SQL, BaseSandbox, write_json
 from .ldap import LdapRealm
 from .postgres import Postgres
-from .procs import free_port, start_daemon, stop_process
+from .procs import alive, free_port, start_daemon, stop_process
 from .sts import ACCOUNT, REGION, SSO_ROLE, MotoSts
 
 AUDIENCE = "kerb-jupyter-broker.sandbox"
@@ -115,7 +115,7 @@ class BrokerSandbox(BaseSandbox):
         return write_json(self.broker_config, {**doc, **overrides})
 
     def start_broker(self) -> None:
-        if self.broker_proc is not None and self.broker_proc.poll() is None:
+        if alive(self.broker_proc):
             return
         env = {**os.environ, "KRB5_CONFIG": str(self.realm.krb5_conf)}
         env = {k: v for k, v in env.items() if not k.startswith(("AWS_", "KRB5CCNAME", "KERB_JUPYTER"))}

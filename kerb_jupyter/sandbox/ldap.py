@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import SandboxError
-from .procs import find_binary, free_port, port_is_free, start_daemon, stop_process, tail
+from .procs import Daemon, alive, find_binary, free_port, port_is_free, start_daemon, tail
 from .realm import MASTER_PASSWORD, Realm
 
 LDAP_PACKAGES = "slapd ldap-utils krb5-kdc-ldap"
@@ -23,7 +23,7 @@ SYSTEM_SCHEMA = Path("/etc/ldap/schema")
 MODULE_DIR = Path("/usr/lib/ldap")
 
 
-class Slapd:
+class Slapd(Daemon):
     """A private OpenLDAP server for one suffix, its config in ``root/slapd.conf`` (no cn=config, no system state).
 
     Loads MIT's Kerberos schema and the memberof overlay, so ``groupOfNames`` members get ``memberOf``. The root DN
@@ -39,7 +39,6 @@ class Slapd:
         self.conf = self.root / "slapd.conf"
         self.data = self.root / "data"
         self.log_file = self.root / "slapd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
         self._admin_pw_file = self.root / "admin.password"
         self._reader_pw_file = self.root / "reader.password"
 
@@ -105,7 +104,7 @@ access to *
         )
 
     def start(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if alive(self.proc):
             return
         if not port_is_free(self.port):
             raise SandboxError(f"port 127.0.0.1:{self.port} for slapd is already in use")
@@ -113,14 +112,6 @@ access to *
             "slapd", [find_binary("slapd", LDAP_PACKAGES), "-d", "32768", "-f", str(self.conf), "-h", self.url + "/"],
             self.port, self.log_file, cwd=self.root,
         )
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        stop_process(proc)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     # -- clients ------------------------------------------------------------------------------------
     def modify(self, ldif: str, add: bool = False) -> None:

@@ -121,6 +121,27 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10, grou
         proc.wait(5)
 
 
+def alive(proc: subprocess.Popen[bytes] | None) -> bool:
+    """The process was started and has not exited."""
+    return proc is not None and proc.poll() is None
+
+
+class Daemon:
+    """A daemon we start (``self.proc``, from ``start_daemon``): ``stop()`` ends it, ``running`` says if it runs."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    stop_timeout: float = 10
+    stop_group = False  # SIGTERM its whole process group
+
+    @property
+    def running(self) -> bool:
+        return alive(self.proc)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        stop_process(proc, self.stop_timeout, self.stop_group)
+
+
 def read_log(path: Path) -> str:
     """A log file's text, or "" if it is not there (yet)."""
     try:

@@ -8,18 +8,20 @@ import subprocess
 from pathlib import Path
 
 from ..errors import SandboxError
-from .procs import find_binary, free_port, port_is_free, start_daemon, stop_process, tail, wait_port_free
+from .procs import Daemon, alive, find_binary, free_port, port_is_free, start_daemon, tail, wait_port_free
 
 KDC_PACKAGES = "krb5-kdc krb5-admin-server krb5-user"
 MASTER_PASSWORD = "sandbox-master-not-secret"  # noqa: S105 - a throwaway local realm
 
 
-class Realm:
+class Realm(Daemon):
     """One KDC realm whose whole state lives in ``root``.
 
     ``max_life`` and ``max_renewable_life`` are KDC-wide caps in seconds; tests use short ones so that
     expiry and renewal happen in seconds.
     """
+
+    stop_timeout = 5
 
     def __init__(
         self,
@@ -34,7 +36,6 @@ class Realm:
         self.port = port
         self.max_life = max_life
         self.max_renewable_life = max_renewable_life
-        self.proc: subprocess.Popen[bytes] | None = None
         self.krb5_conf = self.root / "krb5.conf"
         self.kdc_conf = self.root / "kdc.conf"
         self.log_file = self.root / "krb5kdc.log"
@@ -163,7 +164,7 @@ class Realm:
 
     # -- the daemon ---------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if alive(self.proc):
             return
         if not port_is_free(self.port):
             raise SandboxError(f"port 127.0.0.1:{self.port} for the KDC is already in use")
@@ -172,16 +173,11 @@ class Realm:
                                  cwd=self.root, own_logs=[self.log_file])
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        stop_process(proc, timeout=5)
-        # krb5kdc has released the port once it exits; wait so a restart can bind again.
-        wait_port_free(self.port, 5)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        if alive(self.proc):
+            super().stop()
+            # krb5kdc has released the port once it exits; wait so a restart can bind again.
+            wait_port_free(self.port, 5)
+        self.proc = None
 
     def destroy(self) -> None:
         self.stop()

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import secrets
-import subprocess
 from pathlib import Path
 
 from ..errors import SandboxError
-from .procs import find_binary, free_port, start_daemon, stop_process, wait_port_free
+from .procs import Daemon, alive, find_binary, free_port, start_daemon, wait_port_free
 
 REDIS_PACKAGES = "redis-server"
 
 
-class RedisServer:
+class RedisServer(Daemon):
     """One redis-server in the foreground, state in ``root``; ``stop()`` then ``start()`` keeps the same port.
 
     With ``tls=(cert, key)`` it serves TLS only on ``port``; with ``password`` it requires AUTH.
@@ -24,7 +23,6 @@ class RedisServer:
         self.port = port
         self.password = password
         self.tls = tls
-        self.proc: subprocess.Popen[bytes] | None = None
         self.log_file = self.root / "redis.log"
 
     @property
@@ -34,7 +32,7 @@ class RedisServer:
         return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        if self.proc is not None and self.proc.poll() is None:
+        if alive(self.proc):
             return self
         self.root.mkdir(parents=True, exist_ok=True)
         if not self.port:
@@ -68,14 +66,6 @@ class RedisServer:
         if self.password:
             lines.append(f"requirepass {self.password}")
         return "\n".join(lines) + "\n"
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        stop_process(proc)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def __enter__(self) -> RedisServer:
         return self.start()

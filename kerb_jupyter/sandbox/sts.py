@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .procs import free_port, start_daemon, stop_process
+from .procs import Daemon, free_port, start_daemon
 
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
@@ -25,13 +24,14 @@ _TRUST = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "
 _ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
 
 
-class MotoSts:
+class MotoSts(Daemon):
     """``start()`` -> an admin key pair and roles; ``session(role, name)`` -> credentials of a role session."""
+
+    stop_group = True
 
     def __init__(self, root: Path, port: int = 0) -> None:
         self.root = Path(root).resolve()
         self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
         self.log_file = self.root / "moto.log"
         self.admin: dict[str, str] = {}
 
@@ -82,7 +82,3 @@ class MotoSts:
                                      headers={"Content-Type": "text/plain"})
         with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - our own loopback server
             resp.read()
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        stop_process(proc, group=True)
