@@ -221,26 +221,12 @@ ou: Groups
         stash.touch(0o600)
         stash.write_text(f"{s.admin_dn}#{{HEX}}{s.admin_password.encode().hex()}\n")
 
-    def _write_configs(self) -> None:
-        super()._write_configs()
+    def _database(self) -> str:
+        return "database_module = LDAP"
+
+    def _db_modules(self) -> str:
         s = self.slapd
-        self.kdc_conf.write_text(
-            f"""[kdcdefaults]
-    kdc_listen = 127.0.0.1:{self.port}
-    kdc_tcp_listen = 127.0.0.1:{self.port}
-
-[realms]
-    {self.realm} = {{
-        database_module = LDAP
-        key_stash_file = {self.root}/stash
-        acl_file = {self.root}/kadm5.acl
-        max_life = {self.max_life}s
-        max_renewable_life = {self.max_renewable_life}s
-        kadmind_listen = 127.0.0.1:0
-        kpasswd_listen = 127.0.0.1:0
-        supported_enctypes = aes256-cts-hmac-sha1-96:normal aes128-cts-hmac-sha1-96:normal
-    }}
-
+        return f"""
 [dbmodules]
     LDAP = {{
         db_library = kldap
@@ -253,11 +239,7 @@ ou: Groups
         disable_last_success = true
         disable_lockout = true
     }}
-
-[logging]
-    kdc = FILE:{self.log_file}
 """
-        )
 
     # -- principals and groups ----------------------------------------------------------------------
     def add_user(self, name: str, groups: Iterable[str] = (), password: str | None = None) -> str:

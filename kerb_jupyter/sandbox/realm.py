@@ -94,7 +94,7 @@ class Realm(Daemon):
 
 [realms]
     {r} = {{
-        database_name = {self.root}/principal
+        {self._database()}
         key_stash_file = {self.root}/stash
         acl_file = {self.root}/kadm5.acl
         max_life = {self.max_life}s
@@ -103,12 +103,20 @@ class Realm(Daemon):
         kpasswd_listen = 127.0.0.1:0
         supported_enctypes = aes256-cts-hmac-sha1-96:normal aes128-cts-hmac-sha1-96:normal
     }}
-
+{self._db_modules()}
 [logging]
     kdc = FILE:{self.log_file}
 """
         )
         (self.root / "kadm5.acl").write_text("")
+
+    def _database(self) -> str:
+        """The kdc.conf line that says where the principals are."""
+        return f"database_name = {self.root}/principal"
+
+    def _db_modules(self) -> str:
+        """Extra kdc.conf sections before ``[logging]`` (a database module's ``[dbmodules]``), after a blank line."""
+        return ""
 
     def _run(self, *args: str) -> str:
         env = {**os.environ, **self.env}
