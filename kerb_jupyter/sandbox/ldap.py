@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import SandboxError
-from .procs import Daemon, alive, find_binary, free_port, port_is_free, start_daemon, tail
+from .procs import Daemon, alive, claim_port, find_binary, free_port, port_is_free, start_daemon, tail
 from .realm import MASTER_PASSWORD, Realm
 
 LDAP_PACKAGES = "slapd ldap-utils krb5-kdc-ldap"
@@ -175,11 +175,7 @@ class LdapRealm(Realm):
         self.slapd.create()
         self.slapd.start()
         try:
-            if not self.port:
-                self.port = free_port()
-            elif not port_is_free(self.port):
-                raise SandboxError(f"port 127.0.0.1:{self.port} for the KDC is already in use: "
-                                   "is another sandbox running? Stop it or choose another port")
+            self.port = claim_port(self.port, "the KDC")
             self._write_configs()
             if not (self.root / "stash").exists():
                 self._create_realm()

@@ -48,6 +48,16 @@ def free_port() -> int:
     raise SandboxError("could not find a free port on 127.0.0.1")
 
 
+def claim_port(port: int, what: str, wait: float = 0) -> int:
+    """``port`` (0: a free one) for ``what``; a SandboxError if something still holds it after ``wait`` seconds."""
+    if not port:
+        return free_port()
+    if not wait_port_free(port, wait):
+        raise SandboxError(f"port 127.0.0.1:{port} for {what} is already in use: "
+                           "is another sandbox running? Stop it or choose another port")
+    return port
+
+
 def port_is_free(port: int) -> bool:
     """Nothing listens on 127.0.0.1:port (TCP) nor holds it (UDP); TIME_WAIT leftovers do not count."""
     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import SandboxError
-from .procs import Daemon, alive, find_binary, free_port, port_is_free, start_daemon, tail, wait_port_free
+from .procs import Daemon, alive, claim_port, find_binary, port_is_free, start_daemon, tail, wait_port_free
 
 KDC_PACKAGES = "krb5-kdc krb5-admin-server krb5-user"
 MASTER_PASSWORD = "sandbox-master-not-secret"  # noqa: S105 - a throwaway local realm
@@ -49,13 +49,7 @@ class Realm(Daemon):
     def create(self) -> None:
         """Write the configuration and create the KDC database (idempotent for the same root)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        if not self.port:
-            self.port = free_port()
-        elif not port_is_free(self.port):
-            raise SandboxError(
-                f"port 127.0.0.1:{self.port} for the KDC is already in use: "
-                "is another sandbox running? Stop it or choose another port"
-            )
+        self.port = claim_port(self.port, "the KDC")
         self._write_configs()
         if not (self.root / "principal").exists():
             self._run(

@@ -5,8 +5,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from ..errors import SandboxError
-from .procs import Daemon, alive, find_binary, free_port, start_daemon, wait_port_free
+from .procs import Daemon, alive, claim_port, find_binary, start_daemon
 
 REDIS_PACKAGES = "redis-server"
 
@@ -35,10 +34,7 @@ class RedisServer(Daemon):
         if alive(self.proc):
             return self
         self.root.mkdir(parents=True, exist_ok=True)
-        if not self.port:
-            self.port = free_port()
-        elif not wait_port_free(self.port, 5):
-            raise SandboxError(f"port 127.0.0.1:{self.port} for redis-server is already in use")
+        self.port = claim_port(self.port, "redis-server", wait=5)
         conf = self.root / "redis.conf"
         conf.touch(0o600)
         conf.write_text(self._config())
