@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from .config import ENV_CONFIG, Settings, default_config_path, load_settings, va
 from .errors import ConfigError, KerbJupyterError
 from .handlers import RateLimiter
 from .keeper import TicketKeeper
+from .mapping import validate_spec as validate_mapping
 from .sources import build_source
 
 ENV_ROOT_DIR = "KERB_JUPYTER_ROOT_DIR"  # the server's root_dir, for kernels' root-relative notebook tags
@@ -211,18 +211,11 @@ class KerbJupyterApp(ExtensionApp):
         return Path(self.config_file).expanduser() if self.config_file else default_config_path()
 
     def _load(self) -> Settings:
-        path = self.config_file or None
-        try:
-            settings = load_settings(path)
-        except (TypeError, ValueError, AttributeError):
-            # A wrongly typed value the shared loader does not check: find it and name it.
-            where = self._config_path()
-            checks.check_top_level(json.loads(where.read_text()), str(where))
-            raise
+        settings = load_settings(self.config_file or None)
+        # The loader checks all but the sections only the server uses: the source and the mapping rules.
         label = str(settings.path or "the configuration")
         checks.check_source(settings.source, label)
-        checks.check_identity(settings.identity, label)
-        checks.check_mapping(settings.mapping, label)
+        validate_mapping(settings.mapping, label)
         return settings
 
     def _make_keeper(self, settings: Settings) -> TicketKeeper | None:

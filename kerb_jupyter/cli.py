@@ -70,7 +70,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def run_sandbox(args: argparse.Namespace) -> int:
     from .sandbox import Sandbox
-    from .sandbox.procs import free_port
+    from .sandbox.procs import free_port, stop_process
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     temporary = args.dir is None
@@ -99,12 +99,7 @@ def run_sandbox(args: argparse.Namespace) -> int:
         print("kerb-jupyter sandbox: stopping", file=sys.stderr)
         return 0
     finally:
-        if lab is not None and lab.poll() is None:
-            lab.send_signal(signal.SIGTERM)
-            try:
-                lab.wait(15)
-            except subprocess.TimeoutExpired:
-                lab.kill()
+        stop_process(lab, timeout=15)
         sandbox.stop()
         if temporary:
             shutil.rmtree(root, ignore_errors=True)

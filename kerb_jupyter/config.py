@@ -28,6 +28,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from .checks import shown
 from .errors import ConfigError, UnknownClusterError
 from .identity import validate_spec as validate_identity_spec
 
@@ -168,6 +169,9 @@ def parse_settings(raw: Any, where: Path | None = None) -> Settings:
         validate_identity_spec(sections["identity"])
     except ConfigError as err:
         raise ConfigError(f"{label}: {err}") from None
+    for key in ("state_dir", "audit_log"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise ConfigError(f"{label}: {key} must be a path (a string), not {shown(raw[key])}")
     state_dir = Path(raw["state_dir"]).expanduser() if raw.get("state_dir") else default_state_dir()
     audit = Path(raw["audit_log"]).expanduser() if raw.get("audit_log") else None
     return Settings(path=where, principal=principal, state_dir=state_dir, clusters=clusters,
@@ -197,7 +201,7 @@ def _cluster(name: Any, spec: Any, label: str) -> ClusterConfig:
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise ConfigError(f"{where}.port must be a number from 1 to 65535, not {port!r:.40}")
     for key, allowed in (("gssencmode", _GSSENC), ("sslmode", _SSL)):
-        if key in spec and spec[key] not in allowed:
+        if key in spec and (not isinstance(spec[key], str) or spec[key] not in allowed):
             raise ConfigError(f"{where}.{key} must be one of {', '.join(sorted(allowed))}, not {spec[key]!r:.40}")
     timeout = spec.get("connect_timeout", 10)
     if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .checks import shown
 from .errors import ConfigError, IdentityError
 
 DEFAULT_ORDER = ("config", "jupyterhub", "studio_space", "notebook_tag", "sts")
@@ -93,13 +94,13 @@ def validate_spec(spec: Any) -> dict[str, Any]:
                           f"{', '.join(sorted(SPEC_KEYS))}")
     order = spec.get("order", list(DEFAULT_ORDER))
     if not isinstance(order, list) or not all(isinstance(r, str) for r in order):
-        raise ConfigError("identity.order must be a list of resolver names")
+        raise ConfigError(f"identity.order must be a list of resolver names, not {shown(order)}")
     bad = [r for r in order if r not in DEFAULT_ORDER]
     if bad:
         raise ConfigError(f"identity.order: unknown resolver(s) {', '.join(bad)}; known: {', '.join(DEFAULT_ORDER)}")
     for key in ("user", "region", "metadata_file", "owner_tag", "notebook_arn"):
         if key in spec and not isinstance(spec[key], str):
-            raise ConfigError(f"identity.{key} must be a string")
+            raise ConfigError(f"identity.{key} must be a string, not {shown(spec[key])}")
     if spec.get("require_trusted_identity", "auto") not in (True, False, "auto"):
         raise ConfigError(f"identity.require_trusted_identity must be true, false or \"auto\", not "
                           f"{spec['require_trusted_identity']!r:.40}")

@@ -24,6 +24,7 @@ import re
 import string
 from typing import Any
 
+from .checks import check_template, shown
 from .errors import ConfigError, IdentityError
 from .identity import validate_name
 
@@ -48,60 +49,100 @@ def _fields(name: str) -> dict[str, str]:
     return {"name": name, "local": local, "domain": domain}
 
 
-def _format(template: str, values: dict[str, str], rule_no: int) -> str:
+def _format(template: str, values: dict[str, str], where: str) -> str:
     try:
         return string.Formatter().vformat(template, (), values)
-    except (KeyError, IndexError, ValueError) as err:
-        raise ConfigError(f"mapping rule {rule_no}: bad template {template!r} ({err})") from None
+    except (KeyError, IndexError, ValueError) as err:  # a conversion or format spec the values do not take
+        raise ConfigError(f"{where}: bad template {template!r} ({err})") from None
 
 
 def _case(value: str, case: str) -> str:
     return {"lower": ascii_lower, "upper": ascii_upper}.get(case, str)(value)
 
 
-def _apply(rule: dict[str, Any], name: str, no: int) -> str | None:
+def validate_spec(spec: dict[str, Any], label: str = "") -> None:
+    """Check every rule of the ``mapping`` section. Raises ConfigError naming the rule and key (after ``label``)."""
+    prefix = f"{label}: " if label else ""
+    for no, rule in enumerate(_rules(spec, prefix), 1):
+        _check_rule(rule, f"{prefix}mapping.rules[{no}]")
+
+
+def _rules(spec: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
+    rules = spec.get("rules", [])
+    if not isinstance(rules, list):
+        raise ConfigError(f"{prefix}mapping.rules must be a list of rule objects, not {shown(rules)}")
+    for no, rule in enumerate(rules, 1):
+        if not isinstance(rule, dict):
+            raise ConfigError(f"{prefix}mapping.rules[{no}] must be an object with 'table', 'regex' or 'template', "
+                              f"not {shown(rule)}")
+    return rules
+
+
+def _check_rule(rule: dict[str, Any], where: str) -> None:
+    fields = {"name", "local", "domain"}
+    if rule.get("case", "keep") not in ("keep", "lower", "upper"):
+        raise ConfigError(f"{where}.case must be keep, lower or upper, not {rule['case']!r:.40}")
+    if "case_insensitive" in rule and not isinstance(rule["case_insensitive"], bool):
+        raise ConfigError(f"{where}.case_insensitive must be true or false")
+    if "domain" in rule:
+        if not isinstance(rule["domain"], str):
+            raise ConfigError(f"{where}.domain must be a string, not {shown(rule['domain'])}")
+        if not rule["domain"].isascii():
+            raise ConfigError(f"{where}.domain {rule['domain']!a:.60} is not plain ASCII")
     if "table" in rule:
         table = rule["table"]
         if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
-            raise ConfigError(f"mapping rule {no}: 'table' must be an object of identity -> principal")
+            raise ConfigError(f"{where}.table must be an object of identity -> principal (strings)")
         odd = next((k for k in table if not (isinstance(k, str) and k.isascii())), None)
         if odd is not None:
-            raise ConfigError(f"mapping rule {no}: table key {odd!a:.60} is not plain ASCII")
+            raise ConfigError(f"{where}.table key {odd!a:.60} is not plain ASCII")
+        return
+    if "regex" in rule:
+        pattern = rule["regex"]
+        if not isinstance(pattern, str):
+            raise ConfigError(f"{where}.regex must be a string, not {shown(pattern)}")
+        try:
+            compiled = _compiled(pattern)
+        except (re.error, ValueError) as err:  # ValueError: an inline (?u) against re.ASCII
+            raise ConfigError(f"{where}.regex {pattern!r:.80} does not compile: {err}") from None
+        if not isinstance(rule.get("principal"), str) or not rule["principal"]:
+            raise ConfigError(f"{where}.principal (the template of the result) is required with a regex")
+        check_template(rule["principal"], fields | set(compiled.groupindex), f"{where}.principal")
+        return
+    if "template" in rule:
+        if not isinstance(rule["template"], str):
+            raise ConfigError(f"{where}.template must be a string, not {shown(rule['template'])}")
+        check_template(rule["template"], fields, f"{where}.template")
+        return
+    raise ConfigError(f"{where} has none of 'table', 'regex', 'template'")
+
+
+def _apply(rule: dict[str, Any], name: str, where: str) -> str | None:
+    """The rule's principal for ``name`` or None; the rule has passed ``_check_rule``."""
+    case = rule.get("case", "keep")
+    if "table" in rule:
+        table: dict[str, str] = rule["table"]
         hit = table.get(name)
         if hit is None and rule.get("case_insensitive", True):
             folded = ascii_lower(name)
             hit = next((v for k, v in table.items() if ascii_lower(k) == folded), None)
         return hit
     if "regex" in rule:
-        m = _regex(rule["regex"], no).fullmatch(name)
+        m = _compiled(rule["regex"]).fullmatch(name)
         if not m:
             return None
         values = {**_fields(name), **{k: v or "" for k, v in m.groupdict().items()}}
-        return _format(str(rule.get("principal", "")), {k: _case(v, rule.get("case", "keep")) for k, v in
-                                                        values.items()}, no)
-    if "template" in rule:
-        fields = _fields(name)
-        wanted = rule.get("domain")
-        if wanted is not None and (not isinstance(wanted, str) or not wanted.isascii()):
-            raise ConfigError(f"mapping rule {no}: 'domain' must be a plain ASCII string")
-        if wanted is not None and ascii_lower(fields["domain"]) != ascii_lower(wanted):
-            return None
-        return _format(str(rule["template"]), {k: _case(v, rule.get("case", "keep")) for k, v in fields.items()}, no)
-    raise ConfigError(f"mapping rule {no} has none of 'table', 'regex', 'template'")
+        return _format(rule["principal"], {k: _case(v, case) for k, v in values.items()}, where)
+    fields = _fields(name)
+    wanted = rule.get("domain")
+    if wanted is not None and ascii_lower(fields["domain"]) != ascii_lower(wanted):
+        return None
+    return _format(rule["template"], {k: _case(v, case) for k, v in fields.items()}, where)
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern, re.ASCII)
-
-
-def _regex(pattern: Any, no: int) -> re.Pattern[str]:
-    if not isinstance(pattern, str):
-        raise ConfigError(f"mapping rule {no}: 'regex' must be a string")
-    try:
-        return _compiled(pattern)
-    except (re.error, ValueError) as err:  # ValueError: an inline (?u) against re.ASCII
-        raise ConfigError(f"mapping rule {no}: bad regex {pattern!r}: {err}") from None
 
 
 def _describe(rule: dict[str, Any]) -> str:
@@ -116,11 +157,11 @@ def map_identity(name: str, spec: dict[str, Any]) -> str:
     """The principal for identity ``name``. Raises IdentityError when no rule matches or the result is
     not a safe user principal, ConfigError for malformed rules."""
     validate_name(name, "the identity")  # plain ASCII as given: no look-alike reaches any rule
-    rules = spec.get("rules", [])
-    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
-        raise ConfigError("mapping.rules must be a list of rule objects")
+    rules = _rules(spec)
     for no, rule in enumerate(rules, 1):
-        result = _apply(rule, name, no)
+        where = f"mapping.rules[{no}]"
+        _check_rule(rule, where)  # each rule when it is tried: a bad rule after the matching one is no error here
+        result = _apply(rule, name, where)
         if result is None:
             continue
         return normalise_principal(result, f"mapping rule {no} ({_describe(rule)}) turned {name[:80]!r} into")

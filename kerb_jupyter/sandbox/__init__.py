@@ -14,12 +14,12 @@ import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from .postgres import Postgres
 from .realm import Realm
 
-__all__ = ["Postgres", "Realm", "Sandbox"]
+__all__ = ["BaseSandbox", "Postgres", "Realm", "Sandbox", "write_json"]
 
 DEMO_SQL = """
 CREATE TABLE IF NOT EXISTS trips (
@@ -44,7 +44,39 @@ ON CONFLICT DO NOTHING;
 """
 
 
-class Sandbox:
+class BaseSandbox:
+    """What both sandboxes share: ``start()`` stops what it started if it fails; a context manager."""
+
+    def start(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` to ``path`` atomically (a reader sees the old file or the new one, never half of one)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+class Sandbox(BaseSandbox):
     """A realm with one user principal and one PostgreSQL server per cluster name."""
 
     def __init__(
@@ -71,14 +103,6 @@ class Sandbox:
         ports = list(pg_ports) + [0] * (len(clusters) - len(pg_ports))
         self.servers = {name: Postgres(self.root, self.realm, name, port) for name, port in zip(clusters, ports)}
 
-    def start(self) -> Sandbox:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
     def _start(self) -> None:
         self.realm.create()
         if not self.password_file.exists():
@@ -102,11 +126,7 @@ class Sandbox:
             "state_dir": str(self.state_dir),
             "clusters": {name: self.cluster_config(name) for name in self.servers},
         }
-        config.update(overrides)
-        tmp = self.config_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, self.config_file)
-        return self.config_file
+        return write_json(self.config_file, {**config, **overrides})
 
     def cluster_config(self, name: str) -> dict[str, Any]:
         server = self.servers[name]
@@ -130,9 +150,3 @@ class Sandbox:
         for server in self.servers.values():
             server.destroy()
         self.realm.stop()
-
-    def __enter__(self) -> Sandbox:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()

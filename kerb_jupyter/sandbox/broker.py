@@ -11,28 +11,26 @@ Center-like role (``AWSReservedSSO_*``, session name = the user), made in moto w
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from ..errors import SandboxError
-from . import DEMO_SQL
+from . import DEMO_SQL, BaseSandbox, write_json
 from .ldap import LdapRealm
 from .postgres import Postgres
-from .procs import free_port, tail, wait_for_port
+from .procs import alive, free_port, start_daemon, stop_process
 from .sts import ACCOUNT, REGION, SSO_ROLE, MotoSts
 
 AUDIENCE = "kerb-jupyter-broker.sandbox"
 HOSTS = ("localhost", "127.0.0.1", "127.0.0.2", "127.0.0.3")
 
 
-class BrokerSandbox:
+class BrokerSandbox(BaseSandbox):
     def __init__(self, root: Path, clusters: Sequence[str] = ("analytics", "finance"), user: str = "alice",
                  realm: str = "KERB.TEST", max_life: int = 3600, broker_port: int = 0) -> None:
         if len(clusters) > len(HOSTS):
@@ -63,14 +61,6 @@ class BrokerSandbox:
         return f"http://127.0.0.1:{self.broker_port}"
 
     # -- start / stop -------------------------------------------------------------------------------------
-    def start(self) -> BrokerSandbox:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
     def _start(self) -> None:
         self.realm.create()
         for name in self.servers:
@@ -122,37 +112,21 @@ class BrokerSandbox:
                 "groups": {group: list(self.servers)}, "source_cidrs": ["127.0.0.0/8"],
             }]},
         }
-        doc.update(overrides)
-        tmp = self.broker_config.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, self.broker_config)
-        return self.broker_config
+        return write_json(self.broker_config, {**doc, **overrides})
 
     def start_broker(self) -> None:
-        if self.broker_proc is not None and self.broker_proc.poll() is None:
+        if alive(self.broker_proc):
             return
         env = {**os.environ, "KRB5_CONFIG": str(self.realm.krb5_conf)}
         env = {k: v for k, v in env.items() if not k.startswith(("AWS_", "KRB5CCNAME", "KERB_JUPYTER"))}
-        log = open(self.broker_dir / "broker.log", "ab")
         cmd = [sys.executable, "-c", "import sys; from kerb_jupyter.cli import main; sys.exit(main())",
                "broker", "--config", str(self.broker_config)]
-        with log:
-            self.broker_proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                start_new_session=True)
-        if not wait_for_port(self.broker_port, self.broker_proc, 30):
-            text = (self.broker_dir / "broker.log").read_text(errors="replace")
-            self.stop_broker()
-            raise SandboxError(f"the broker did not start: {tail(text)}")
+        self.broker_proc = start_daemon("the broker", cmd, self.broker_port, self.broker_dir / "broker.log",
+                                        timeout=30, env=env)
 
     def stop_broker(self) -> None:
         proc, self.broker_proc = self.broker_proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
 
     def reload_broker(self) -> None:
         """SIGHUP: the broker re-reads its policy (keeping the old one if the new one is bad)."""
@@ -167,11 +141,7 @@ class BrokerSandbox:
             "state_dir": str(self.state_dir),
             "clusters": {name: self.cluster_config(name) for name in self.servers},
         }
-        config.update(overrides)
-        tmp = self.config_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, self.config_file)
-        return self.config_file
+        return write_json(self.config_file, {**config, **overrides})
 
     def cluster_config(self, name: str) -> dict[str, Any]:
         return {"host": self.hosts[name], "port": self.servers[name].port, "dbname": name, "gssencmode": "prefer"}
@@ -194,9 +164,3 @@ class BrokerSandbox:
         for server in self.servers.values():
             server.destroy()
         self.realm.stop()
-
-    def __enter__(self) -> BrokerSandbox:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import gzip
 import os
 import secrets
-import signal
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import SandboxError
-from .procs import find_binary, free_port, port_is_free, tail, wait_for_port
+from .procs import Daemon, alive, claim_port, find_binary, free_port, port_is_free, start_daemon, tail
 from .realm import MASTER_PASSWORD, Realm
 
 LDAP_PACKAGES = "slapd ldap-utils krb5-kdc-ldap"
@@ -24,7 +23,7 @@ SYSTEM_SCHEMA = Path("/etc/ldap/schema")
 MODULE_DIR = Path("/usr/lib/ldap")
 
 
-class Slapd:
+class Slapd(Daemon):
     """A private OpenLDAP server for one suffix, its config in ``root/slapd.conf`` (no cn=config, no system state).
 
     Loads MIT's Kerberos schema and the memberof overlay, so ``groupOfNames`` members get ``memberOf``. The root DN
@@ -40,7 +39,6 @@ class Slapd:
         self.conf = self.root / "slapd.conf"
         self.data = self.root / "data"
         self.log_file = self.root / "slapd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
         self._admin_pw_file = self.root / "admin.password"
         self._reader_pw_file = self.root / "reader.password"
 
@@ -106,34 +104,14 @@ access to *
         )
 
     def start(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if alive(self.proc):
             return
         if not port_is_free(self.port):
             raise SandboxError(f"port 127.0.0.1:{self.port} for slapd is already in use")
-        with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(
-                [find_binary("slapd", LDAP_PACKAGES), "-d", "32768", "-f", str(self.conf), "-h", self.url + "/"],
-                cwd=self.root, stdout=log, stderr=log, start_new_session=True,
-            )
-        if not wait_for_port(self.port, self.proc, timeout=10):
-            log_text = tail(_read(self.log_file))
-            self.stop()
-            raise SandboxError(f"slapd did not start on 127.0.0.1:{self.port}: {log_text}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        self.proc = start_daemon(
+            "slapd", [find_binary("slapd", LDAP_PACKAGES), "-d", "32768", "-f", str(self.conf), "-h", self.url + "/"],
+            self.port, self.log_file, cwd=self.root,
+        )
 
     # -- clients ------------------------------------------------------------------------------------
     def modify(self, ldif: str, add: bool = False) -> None:
@@ -197,11 +175,7 @@ class LdapRealm(Realm):
         self.slapd.create()
         self.slapd.start()
         try:
-            if not self.port:
-                self.port = free_port()
-            elif not port_is_free(self.port):
-                raise SandboxError(f"port 127.0.0.1:{self.port} for the KDC is already in use: "
-                                   "is another sandbox running? Stop it or choose another port")
+            self.port = claim_port(self.port, "the KDC")
             self._write_configs()
             if not (self.root / "stash").exists():
                 self._create_realm()
@@ -243,26 +217,12 @@ ou: Groups
         stash.touch(0o600)
         stash.write_text(f"{s.admin_dn}#{{HEX}}{s.admin_password.encode().hex()}\n")
 
-    def _write_configs(self) -> None:
-        super()._write_configs()
+    def _database(self) -> str:
+        return "database_module = LDAP"
+
+    def _db_modules(self) -> str:
         s = self.slapd
-        self.kdc_conf.write_text(
-            f"""[kdcdefaults]
-    kdc_listen = 127.0.0.1:{self.port}
-    kdc_tcp_listen = 127.0.0.1:{self.port}
-
-[realms]
-    {self.realm} = {{
-        database_module = LDAP
-        key_stash_file = {self.root}/stash
-        acl_file = {self.root}/kadm5.acl
-        max_life = {self.max_life}s
-        max_renewable_life = {self.max_renewable_life}s
-        kadmind_listen = 127.0.0.1:0
-        kpasswd_listen = 127.0.0.1:0
-        supported_enctypes = aes256-cts-hmac-sha1-96:normal aes128-cts-hmac-sha1-96:normal
-    }}
-
+        return f"""
 [dbmodules]
     LDAP = {{
         db_library = kldap
@@ -275,11 +235,7 @@ ou: Groups
         disable_last_success = true
         disable_lockout = true
     }}
-
-[logging]
-    kdc = FILE:{self.log_file}
 """
-        )
 
     # -- principals and groups ----------------------------------------------------------------------
     def add_user(self, name: str, groups: Iterable[str] = (), password: str | None = None) -> str:
@@ -354,11 +310,4 @@ def _kerberos_schema() -> bytes:
             data = path.read_bytes()
             return gzip.decompress(data) if path.suffix == ".gz" else data
     raise SandboxError(f"MIT's Kerberos LDAP schema was not found: install the Debian packages {LDAP_PACKAGES}")
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SandboxError
-from .procs import find_binary, free_port, port_is_free, tail
+from .procs import claim_port, find_binary, tail
 
 PG_PACKAGES = "postgresql"
 ADMIN_USER = "postgres"
@@ -46,13 +46,7 @@ class Postgres:
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
-        if not self.port:
-            self.port = free_port()
-        elif not port_is_free(self.port):
-            raise SandboxError(
-                f"port 127.0.0.1:{self.port} for PostgreSQL {self.name!r} is already in use: "
-                "is another sandbox running? Stop it or choose another port"
-            )
+        self.port = claim_port(self.port, f"PostgreSQL {self.name!r}")
         shutil.copy(self.realm.krb5_conf, self.base / "krb5.conf")
         self.realm.export_keytab(self.realm.principal("postgres/localhost"), self.keytab)
         self.sockdir.mkdir(exist_ok=True)

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 from ..errors import SandboxError
-from .procs import find_binary, port_is_free, tail, wait_for_port
+from .procs import Daemon, alive, claim_port, find_binary, port_is_free, start_daemon, tail, wait_port_free
 
 KDC_PACKAGES = "krb5-kdc krb5-admin-server krb5-user"
 MASTER_PASSWORD = "sandbox-master-not-secret"  # noqa: S105 - a throwaway local realm
 
 
-class Realm:
+class Realm(Daemon):
     """One KDC realm whose whole state lives in ``root``.
 
     ``max_life`` and ``max_renewable_life`` are KDC-wide caps in seconds; tests use short ones so that
     expiry and renewal happen in seconds.
     """
+
+    stop_timeout = 5
 
     def __init__(
         self,
@@ -36,7 +36,6 @@ class Realm:
         self.port = port
         self.max_life = max_life
         self.max_renewable_life = max_renewable_life
-        self.proc: subprocess.Popen[bytes] | None = None
         self.krb5_conf = self.root / "krb5.conf"
         self.kdc_conf = self.root / "kdc.conf"
         self.log_file = self.root / "krb5kdc.log"
@@ -50,15 +49,7 @@ class Realm:
     def create(self) -> None:
         """Write the configuration and create the KDC database (idempotent for the same root)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        if not self.port:
-            from .procs import free_port
-
-            self.port = free_port()
-        elif not port_is_free(self.port):
-            raise SandboxError(
-                f"port 127.0.0.1:{self.port} for the KDC is already in use: "
-                "is another sandbox running? Stop it or choose another port"
-            )
+        self.port = claim_port(self.port, "the KDC")
         self._write_configs()
         if not (self.root / "principal").exists():
             self._run(
@@ -97,7 +88,7 @@ class Realm:
 
 [realms]
     {r} = {{
-        database_name = {self.root}/principal
+        {self._database()}
         key_stash_file = {self.root}/stash
         acl_file = {self.root}/kadm5.acl
         max_life = {self.max_life}s
@@ -106,12 +97,20 @@ class Realm:
         kpasswd_listen = 127.0.0.1:0
         supported_enctypes = aes256-cts-hmac-sha1-96:normal aes128-cts-hmac-sha1-96:normal
     }}
-
+{self._db_modules()}
 [logging]
     kdc = FILE:{self.log_file}
 """
         )
         (self.root / "kadm5.acl").write_text("")
+
+    def _database(self) -> str:
+        """The kdc.conf line that says where the principals are."""
+        return f"database_name = {self.root}/principal"
+
+    def _db_modules(self) -> str:
+        """Extra kdc.conf sections before ``[logging]`` (a database module's ``[dbmodules]``), after a blank line."""
+        return ""
 
     def _run(self, *args: str) -> str:
         env = {**os.environ, **self.env}
@@ -167,47 +166,21 @@ class Realm:
 
     # -- the daemon ---------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if alive(self.proc):
             return
         if not port_is_free(self.port):
             raise SandboxError(f"port 127.0.0.1:{self.port} for the KDC is already in use")
-        env = {**os.environ, **self.env}
-        with open(self.root / "krb5kdc.stderr", "ab") as err:
-            self.proc = subprocess.Popen(
-                [find_binary("krb5kdc", KDC_PACKAGES), "-n", "-r", self.realm],
-                env=env, cwd=self.root, stdout=err, stderr=err, start_new_session=True,
-            )
-        if not wait_for_port(self.port, self.proc, timeout=10):
-            log = tail(_read(self.log_file) + _read(self.root / "krb5kdc.stderr"))
-            self.stop()
-            raise SandboxError(f"the KDC did not start on 127.0.0.1:{self.port}: {log}")
+        self.proc = start_daemon("the KDC", [find_binary("krb5kdc", KDC_PACKAGES), "-n", "-r", self.realm],
+                                 self.port, self.root / "krb5kdc.stderr", env={**os.environ, **self.env},
+                                 cwd=self.root, own_logs=[self.log_file])
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        # krb5kdc has released the port once it exits; wait so a restart can bind again.
-        deadline = time.monotonic() + 5
-        while not port_is_free(self.port) and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        if alive(self.proc):
+            super().stop()
+            # krb5kdc has released the port once it exits; wait so a restart can bind again.
+            wait_port_free(self.port, 5)
+        self.proc = None
 
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ..errors import SandboxError
-from .procs import free_port, tail, wait_for_port
+from .procs import Daemon, free_port, start_daemon
 
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
@@ -27,13 +24,14 @@ _TRUST = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "
 _ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
 
 
-class MotoSts:
+class MotoSts(Daemon):
     """``start()`` -> an admin key pair and roles; ``session(role, name)`` -> credentials of a role session."""
+
+    stop_group = True
 
     def __init__(self, root: Path, port: int = 0) -> None:
         self.root = Path(root).resolve()
         self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
         self.log_file = self.root / "moto.log"
         self.admin: dict[str, str] = {}
 
@@ -53,12 +51,8 @@ class MotoSts:
         exe = Path(sys.executable).with_name("moto_server")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(self.port)], stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        if not wait_for_port(self.port, self.proc, 30):
-            self.stop()
-            raise SandboxError(f"moto_server did not start: {tail(self.log_file.read_text())}")
+        self.proc = start_daemon("moto_server", [*cmd, "-H", "127.0.0.1", "-p", str(self.port)], self.port,
+                                 self.log_file, timeout=30, env=env)
         iam = self.client("iam")
         iam.create_user(UserName="sandbox-admin")
         policy = iam.create_policy(PolicyName="sandbox-all", PolicyDocument=json.dumps(_ALLOW_ALL))["Policy"]["Arn"]
@@ -88,13 +82,3 @@ class MotoSts:
                                      headers={"Content-Type": "text/plain"})
         with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - our own loopback server
             resp.read()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
