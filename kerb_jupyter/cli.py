@@ -1,4 +1,4 @@
-"""The ``kerb-jupyter`` command: ``sandbox`` (demo realm + database [+ JupyterLab]) and ``status``."""
+"""The ``kerb-jupyter`` command: ``sandbox`` (demo realm + database [+ JupyterLab]), ``status``, ``doctor``."""
 
 from __future__ import annotations
 
@@ -41,8 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     kc.add_argument("--kdc", action="append", required=True, help="a domain controller host[:port]; repeat")
     kc.add_argument("--domain", action="append", default=[], help="DNS domain mapped to the realm; repeat "
                     "(default: the realm in lower case; .rds.amazonaws.com is always mapped, for Aurora)")
+    dr = sub.add_parser("doctor", help="check everything between installed and working; non-zero exit on failure")
+    dr.add_argument("clusters", nargs="*", metavar="CLUSTER", help="clusters to check (default: all configured)")
+    dr.add_argument("--json", action="store_true", help="machine-readable output")
+    dr.add_argument("--config", help="configuration file (default: $KERB_JUPYTER_CONFIG or "
+                    "~/.jupyter/kerb_jupyter.json)")
+    dr.add_argument("--timeout", type=float, default=3.0, help="seconds per network probe (default 3)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "doctor":
+            return run_doctor_command(args)
         if args.command == "sandbox":
             return run_sandbox(args)
         if args.command == "krb5-conf":
@@ -146,6 +154,14 @@ def krb5_conf(realm: str, kdcs: list[str], domains: list[str]) -> str:
 [domain_realm]
 {mapping}
 """
+
+
+def run_doctor_command(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    report = run_doctor(args.clusters, args.config, timeout=args.timeout)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else repr(report))
+    return 0 if report.ok else 1
 
 
 def show_status(as_json: bool) -> int:
