@@ -1,0 +1,140 @@
+"""The notebook-instance lifecycle script run for real on a faked AL2023 instance (tests/fakes/), twice.
+
+Needs root and mount/PID/network namespaces: `scripts/test-fakes` runs this job when it can and says so when it
+cannot; the ordinary suite skips it unless KERB_JUPYTER_FAKES=1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from kerb_jupyter.wheelhouse import build_wheelhouse
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKES = ROOT / "tests" / "fakes"
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("KERB_JUPYTER_FAKES") != "1", reason="the fakes job: scripts/test-fakes"),
+    pytest.mark.timeout(300),
+]
+ENVS = ["anaconda3", "anaconda3/envs/JupyterSystemEnv", "anaconda3/envs/python3"]
+
+
+@pytest.fixture(scope="session")
+def image():
+    """The instance image, built once: the wheelhouse and ec2-user's anaconda3 (base, JupyterSystemEnv with
+    jupyter_server, a python3 kernel env), created at its real path inside a mount namespace. Not under pytest's
+    0700 basetemp: ec2-user must traverse the overlays' directories."""
+    base = Path(tempfile.mkdtemp(prefix="kerb-jupyter-fakes-"))
+    base.chmod(0o755)
+    wheelhouse = base / "wheelhouse"
+    build_wheelhouse(wheelhouse, str(ROOT))
+    conda = base / "anaconda3"
+    conda.mkdir()
+    a = "/home/ec2-user/anaconda3"
+    setup = f"""set -euo pipefail
+mount --make-rprivate /
+mount -t tmpfs tmpfs /home
+mkdir -p {a} && mount --bind {conda} {a}
+python3 -m venv {a}
+for e in JupyterSystemEnv python3; do python3 -m venv {a}/envs/$e; done
+for e in {a} {a}/envs/JupyterSystemEnv {a}/envs/python3; do
+    $e/bin/python -m pip install -q --disable-pip-version-check --no-index --find-links {wheelhouse} \
+        jupyter_server ipython boto3 sqlalchemy &
+done
+wait
+chown -R 1000:1000 {a}
+"""
+    subprocess.run(["unshare", "--mount", "bash", "-c", setup], check=True)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def machine(image, tmp_path, mode, *, wheelhouse=True, net=True, wait=3):
+    work = Path(tempfile.mkdtemp(prefix=f"{mode}-", dir=image))
+    work.chmod(0o755)
+    (work / "SageMaker").mkdir(parents=True)
+    (work / "template").mkdir()
+    (work / "template" / "anaconda3").symlink_to(image / "anaconda3")
+    if wheelhouse:
+        target = work / "SageMaker" / "kerb-jupyter-wheelhouse"
+        shutil.copytree(image / "wheelhouse", target)
+    shutil.chown(work / "SageMaker", 1000, 1000)
+    for path in (work / "SageMaker").rglob("*"):
+        os.chown(path, 1000, 1000)
+    script = (ROOT / "lifecycle" / "notebook-instance-on-start.sh").read_text()
+    script = re.sub(r'^WAIT="\$\{KERB_WAIT:-240\}"', f'WAIT="${{KERB_WAIT:-{wait}}}"', script, flags=re.M)
+    (work / "script.sh").write_text(script)
+    cmd = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", *([] if net else ["--net"]),
+           "bash", str(FAKES / "notebook-instance.sh"), mode, str(work)]
+    started = time.monotonic()
+    subprocess.run(cmd, check=True, timeout=280)
+    shutil.copytree(work / "out", tmp_path / "out")  # kept by pytest for a look after a failure
+    return tmp_path / "out", time.monotonic() - started
+
+
+def checks(out, name):
+    return dict(line.split(" ", 1) for line in (out / f"{name}.checks").read_text().splitlines())
+
+
+def assert_installed(c, out, name):
+    for env in ENVS:
+        assert c[f"import:{env}"] == "ok", (out / f"{name}.install.log").read_text()
+        assert c[f"dist-info:{env}"] == "1"
+    assert c["enabled"] == "1" and c["loaded"] == "yes", (out / f"{name}.doctor").read_text()
+    assert c["krb5.conf"] == "root 644" and c["config"] == "ec2-user 600"
+    assert c["record"] == "ok"
+    assert c["root-owned"] == "0", (out / f"{name}.root-owned").read_text()
+    assert c["servers"] == "1"
+
+
+def test_install_restart_and_rerun(image, tmp_path):
+    out, _ = machine(image, tmp_path, "main")
+    run1 = (out / "run1.out").read_text()
+    assert (out / "run1.rc").read_text().strip() == "0"
+    assert "installing in the background" in run1 and "still installing after 3 s" in run1
+    # The runner deleted the script when run1 returned: the background job carried on from its copy.
+    log1 = (out / "run1.install.log").read_text()
+    assert "package manager: dnf" in log1 and "Amazon Linux 2023" in log1
+    assert "pip source: --no-index --find-links /home/ec2-user/SageMaker/kerb-jupyter-wheelhouse" in log1
+    assert "(as ec2-user)" in log1 and "restarting the Jupyter server" in log1
+    # The same-boot re-run found the first install still running and left it alone.
+    assert "still running; leaving it to finish" in (out / "run2.out").read_text()
+    c1 = checks(out, "run1")
+    assert_installed(c1, out, "run1")
+    assert c1["installs"] == "1" and c1["server-starts"] == "2"  # boot + one restart
+    # After a restart (everything but ~/SageMaker wiped) the script installs again.
+    c3 = checks(out, "run3")
+    assert_installed(c3, out, "run3")
+    assert c3["installs"] == "1"
+    # Run again on the same boot, nothing changed: no restart, nothing duplicated.
+    c4 = checks(out, "run4")
+    assert_installed(c4, out, "run4")
+    assert c4["server-starts"] == c3["server-starts"]
+    assert "already installed and loaded; the server was not restarted" in (out / "run4.install.log").read_text()
+
+
+def test_offline_without_wheelhouse_fails_fast_and_says_why(image, tmp_path):
+    out, took = machine(image, tmp_path, "once", wheelhouse=False, net=False, wait=240)
+    text = (out / "run1.out").read_text()
+    assert "the package index is unreachable" in text and "kerb-jupyter wheelhouse DIR" in text
+    assert (out / "run1.rc").read_text().strip() == "0"  # the instance still starts
+    c = checks(out, "run1")
+    assert c["record"] == "failed" and c["import:anaconda3/envs/JupyterSystemEnv"] == "missing"
+    assert took < 120
+
+
+def test_classic_notebookapp_platform_is_named(image, tmp_path):
+    out, _ = machine(image, tmp_path, "notebookapp", wait=240)
+    text = (out / "run1.out").read_text()
+    assert "server application: notebook" in text and "classic NotebookApp" in text
+    c = checks(out, "run1")
+    assert c["record"] == "failed"
+    assert c["import:anaconda3/envs/python3"] == "ok"  # the magic is in the kernels
