@@ -196,10 +196,11 @@ def run_doctor_command(args: argparse.Namespace) -> int:
     from .doctor import Report, run_doctor
     from .doctor_checks import find_servers, server_check
 
-    if args.only == "extension":
-        report = Report([server_check(find_servers(), args.timeout)])
-    else:
-        report = run_doctor(args.clusters, args.config, timeout=args.timeout)
+    if args.only == "extension":  # lifecycle scripts: exit 0 only when a running server has it loaded
+        check = server_check(find_servers(), args.timeout)
+        print(json.dumps(check.as_dict()) if args.json else repr(Report([check])))
+        return 0 if check.status == "ok" else 1
+    report = run_doctor(args.clusters, args.config, timeout=args.timeout)
     print(json.dumps(report.as_dict(), indent=2) if args.json else repr(report))
     return 0 if report.ok else 1
 

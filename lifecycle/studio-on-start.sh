@@ -16,11 +16,12 @@ IDENTITY_ORDER="${KERB_IDENTITY_ORDER:-\"studio_space\", \"sts\"}"
 WHEELHOUSE="${KERB_WHEELHOUSE:-$HOME/kerb-jupyter-wheelhouse}"  # directory or s3://bucket/prefix
 PIP_SPEC="${KERB_JUPYTER_PIP_SPEC:-kerb_jupyter}"
 CONDA="${KERB_CONDA:-/opt/conda}"
+LOAD_WAIT="${KERB_LOAD_WAIT:-90}"                                # seconds to wait for the restarted server
 
 KJ="$HOME/.kerb_jupyter"
 LOG="$KJ/install.log"
 RECORD="$HOME/.jupyter/kerb_jupyter_install.json"
-export PATH="$CONDA/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+export PATH="$CONDA/bin:$PATH:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 mkdir -p "$KJ" "$HOME/.jupyter" && chmod 0700 "$KJ" "$HOME/.jupyter"
 exec > >(tee -a "$LOG") 2>&1  # the LCC stream (CloudWatch) and a local copy
 
@@ -136,8 +137,8 @@ if [ -z "$changed" ] && loaded; then
     exit 0
 fi
 say "restarting the Jupyter server (kernels already running are interrupted)"
-restart-jupyter-server
-for _ in $(seq 1 90); do
+restart-jupyter-server || stop "restart-jupyter-server failed: restart the space to load kerb_jupyter"
+for _ in $(seq 1 "$LOAD_WAIT"); do
     sleep 1
     if loaded; then record ok "installed; the extension is loaded"; exit 0; fi
 done
