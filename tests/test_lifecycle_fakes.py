@@ -6,10 +6,12 @@ cannot; the ordinary suite skips it unless KERB_JUPYTER_FAKES=1.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,36 +31,47 @@ ENVS = ["anaconda3", "anaconda3/envs/JupyterSystemEnv", "anaconda3/envs/python3"
 
 @pytest.fixture(scope="session")
 def image():
-    """The instance image, built once: the wheelhouse and ec2-user's anaconda3 (base, JupyterSystemEnv with
-    jupyter_server, a python3 kernel env), created at its real path inside a mount namespace. Not under pytest's
-    0700 basetemp: ec2-user must traverse the overlays' directories."""
-    base = Path(tempfile.mkdtemp(prefix="kerb-jupyter-fakes-"))
-    base.chmod(0o755)
-    wheelhouse = base / "wheelhouse"
+    """The instance image: the wheelhouse and ec2-user's anaconda3 (base, JupyterSystemEnv with jupyter_server, a
+    python3 kernel env), created at its real path inside a mount namespace. Cached across sessions under /var/tmp, keyed by the wheels; not
+    under pytest's 0700 basetemp: ec2-user must traverse it."""
+    wheelhouse = Path(tempfile.mkdtemp(prefix="kerb-jupyter-wheelhouse-"))
     build_wheelhouse(wheelhouse, str(ROOT))
-    conda = base / "anaconda3"
-    conda.mkdir()
-    a = "/home/ec2-user/anaconda3"
-    setup = f"""set -euo pipefail
+    key = hashlib.sha256("\n".join(sorted(w.name for w in wheelhouse.glob("*.whl"))).encode()).hexdigest()[:12]
+    base = Path(f"/var/tmp/kerb-jupyter-fakes-{key}")
+    if not (base / "complete").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        (base / "anaconda3").mkdir(parents=True)
+        base.chmod(0o755)
+        a = "/home/ec2-user/anaconda3"
+        setup = f"""set -euo pipefail
 mount --make-rprivate /
 mount -t tmpfs tmpfs /home
-mkdir -p {a} && mount --bind {conda} {a}
-python3 -m venv {a}
-for e in JupyterSystemEnv python3; do python3 -m venv {a}/envs/$e; done
-for e in {a} {a}/envs/JupyterSystemEnv {a}/envs/python3; do
-    $e/bin/python -m pip install -q --disable-pip-version-check --no-index --find-links {wheelhouse} \
-        jupyter_server ipython boto3 sqlalchemy &
-done
-wait
+if [ -d /root/.pyenv ]; then
+    mkdir -p /mnt/kj-pyenv && mount --bind /root/.pyenv /mnt/kj-pyenv
+    mount -t tmpfs -o mode=0755 tmpfs /root && mkdir /root/.pyenv && mount --move /mnt/kj-pyenv /root/.pyenv
+fi
+mkdir -p {a} && mount --bind {base}/anaconda3 {a}
+{sys._base_executable} -m venv {a}/envs/JupyterSystemEnv
+{a}/envs/JupyterSystemEnv/bin/python -m pip install -q --disable-pip-version-check --no-index \
+    --find-links {wheelhouse} jupyter_server ipython boto3 sqlalchemy
+cp -a {a}/envs/JupyterSystemEnv {a}/envs/python3
+cp -a {a}/envs/JupyterSystemEnv/. {a}/
+fix() {{ for f in "$1"/bin/*; do  # entry points' shebangs name their env (never follow a symlink)
+    if [ -f "$f" ] && [ ! -L "$f" ] && head -c2 "$f" | grep -q '#!'; then sed -i "1s|$2|$3|" "$f"; fi; done; }}
+fix {a} envs/JupyterSystemEnv/ ""
+fix {a}/envs/python3 envs/JupyterSystemEnv/ envs/python3/
 chown -R 1000:1000 {a}
 """
-    subprocess.run(["unshare", "--mount", "bash", "-c", setup], check=True)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
+        subprocess.run(["unshare", "--mount", "bash", "-c", setup], check=True)
+        (base / "complete").touch()
+    shutil.rmtree(base / "wheelhouse", ignore_errors=True)
+    shutil.move(wheelhouse, base / "wheelhouse")
+    (base / "wheelhouse").chmod(0o755)
+    return base
 
 
 def machine(image, tmp_path, mode, *, wheelhouse=True, net=True, wait=3):
-    work = Path(tempfile.mkdtemp(prefix=f"{mode}-", dir=image))
+    work = Path(tempfile.mkdtemp(prefix=f"kerb-jupyter-fake-{mode}-", dir="/tmp"))  # not under a faked path
     work.chmod(0o755)
     (work / "SageMaker").mkdir(parents=True)
     (work / "template").mkdir()
@@ -77,6 +90,7 @@ def machine(image, tmp_path, mode, *, wheelhouse=True, net=True, wait=3):
     started = time.monotonic()
     subprocess.run(cmd, check=True, timeout=280)
     shutil.copytree(work / "out", tmp_path / "out")  # kept by pytest for a look after a failure
+    shutil.rmtree(work, ignore_errors=True)
     return tmp_path / "out", time.monotonic() - started
 
 

@@ -12,6 +12,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="$work/out"
 mkdir -p "$out" "$work/SageMaker"
 mount --make-rprivate /
+if [ -d /root/.pyenv ]; then  # this machine's Python lives under /root (0700): expose just it, as an image would
+    mkdir -p /mnt/kj-pyenv && mount --bind /root/.pyenv /mnt/kj-pyenv
+    mount -t tmpfs -o mode=0755 tmpfs /root && mkdir /root/.pyenv && mount --move /mnt/kj-pyenv /root/.pyenv
+fi
 
 boot() {  # n
     local b="$work/boot$1"
