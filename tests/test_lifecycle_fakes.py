@@ -32,8 +32,8 @@ ENVS = ["anaconda3", "anaconda3/envs/JupyterSystemEnv", "anaconda3/envs/python3"
 @pytest.fixture(scope="session")
 def image():
     """The instance image: the wheelhouse and ec2-user's anaconda3 (base, JupyterSystemEnv with jupyter_server, a
-    python3 kernel env), created at its real path inside a mount namespace. Cached across sessions under /var/tmp, keyed by the wheels; not
-    under pytest's 0700 basetemp: ec2-user must traverse it."""
+    python3 kernel env), created at its real path inside a mount namespace. Cached across sessions under
+    /var/tmp, keyed by the wheels; not under pytest's 0700 basetemp: ec2-user must traverse it."""
     wheelhouse = Path(tempfile.mkdtemp(prefix="kerb-jupyter-wheelhouse-"))
     build_wheelhouse(wheelhouse, str(ROOT))
     key = hashlib.sha256("\n".join(sorted(w.name for w in wheelhouse.glob("*.whl"))).encode()).hexdigest()[:12]
@@ -70,23 +70,23 @@ chown -R 1000:1000 {a}
     return base
 
 
-def machine(image, tmp_path, mode, *, wheelhouse=True, net=True, wait=3):
+def machine(image, tmp_path, mode, *, wheelhouse=True, net=True, wait=3, kind="notebook-instance"):
     work = Path(tempfile.mkdtemp(prefix=f"kerb-jupyter-fake-{mode}-", dir="/tmp"))  # not under a faked path
     work.chmod(0o755)
-    (work / "SageMaker").mkdir(parents=True)
+    studio_space = kind == "studio"
+    persistent, owner = (work / "home", (1000, 100)) if studio_space else (work / "SageMaker", (1000, 1000))
+    persistent.mkdir(parents=True)
     (work / "template").mkdir()
     (work / "template" / "anaconda3").symlink_to(image / "anaconda3")
     if wheelhouse:
-        target = work / "SageMaker" / "kerb-jupyter-wheelhouse"
-        shutil.copytree(image / "wheelhouse", target)
-    shutil.chown(work / "SageMaker", 1000, 1000)
-    for path in (work / "SageMaker").rglob("*"):
-        os.chown(path, 1000, 1000)
-    script = (ROOT / "lifecycle" / "notebook-instance-on-start.sh").read_text()
+        shutil.copytree(image / "wheelhouse", persistent / "kerb-jupyter-wheelhouse")
+    for path in [persistent, *persistent.rglob("*")]:
+        os.chown(path, *owner)
+    script = (ROOT / "lifecycle" / f"{kind}-on-start.sh").read_text()
     script = re.sub(r'^WAIT="\$\{KERB_WAIT:-240\}"', f'WAIT="${{KERB_WAIT:-{wait}}}"', script, flags=re.M)
     (work / "script.sh").write_text(script)
     cmd = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", *([] if net else ["--net"]),
-           "bash", str(FAKES / "notebook-instance.sh"), mode, str(work)]
+           "bash", str(FAKES / f"{kind}.sh"), mode, str(work)]
     started = time.monotonic()
     subprocess.run(cmd, check=True, timeout=280)
     shutil.copytree(work / "out", tmp_path / "out")  # kept by pytest for a look after a failure
@@ -152,3 +152,41 @@ def test_classic_notebookapp_platform_is_named(image, tmp_path):
     c = checks(out, "run1")
     assert c["record"] == "failed"
     assert c["import:anaconda3/envs/python3"] == "ok"  # the magic is in the kernels
+
+
+def studio(image, tmp_path, mode):
+    return machine(image, tmp_path, mode, kind="studio")[0]
+
+
+def test_studio_space_install_app_restart_and_rerun(image, tmp_path):
+    out = studio(image, tmp_path, "main")
+    for run in ("run1", "run2", "run3"):
+        c = checks(out, run)
+        assert c["import:conda"] == "ok" and c["import:myenv"] == "ok", (out / f"{run}.out").read_text()
+        assert c["loaded"] == "yes", (out / f"{run}.doctor").read_text()
+        assert c["etc-krb5.conf"] == "sagemaker-user 644 1"  # the image's file, untouched
+        assert c["private-krb5.conf"].startswith("sagemaker-user ")
+        assert c["server-KRB5_CONFIG"] == "/home/sagemaker-user/.kerb_jupyter/krb5.conf"
+        assert c["state-dir"] == "/dev/shm/kerb_jupyter-1000"
+        assert c["record"] == "ok" and c["root-owned"] == "0", (out / f"{run}.root-owned").read_text()
+        assert c["config-blocks"] == "1"
+    run1 = (out / "run1.out").read_text()
+    assert "Kerberos client present (no apt)" in run1 and "pip source: --no-index" in run1
+    assert "restarting the Jupyter server" in run1
+    assert checks(out, "run1")["server-starts"] == "2"  # app start + one restart
+    # Same app, nothing changed: no restart.
+    assert "the server was not restarted" in (out / "run3.out").read_text()
+    assert checks(out, "run3")["server-starts"] == checks(out, "run2")["server-starts"]
+
+
+def test_studio_shared_space_is_refused(image, tmp_path):
+    out = studio(image, tmp_path, "shared")
+    assert "this is a shared space" in (out / "run1.out").read_text()
+    c = checks(out, "run1")
+    assert c["record"] == "failed" and c["import:conda"] == "missing" and c["loaded"] == "no"
+
+
+def test_studio_image_without_kerberos_client_or_sudo(image, tmp_path):
+    out = studio(image, tmp_path, "nosudo")
+    assert "missing krb5-user and no sudo in this image" in (out / "run1.out").read_text()
+    assert checks(out, "run1")["record"] == "failed"
