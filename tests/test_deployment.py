@@ -111,7 +111,7 @@ def test_studio_script_refuses_a_shared_space(tmp_path):
 
 
 def test_studio_script_without_writable_conda(tmp_path):
-    out, home, _ = _studio(tmp_path, {"KERB_CONDA": str(tmp_path / "nope")})
+    out, _, _ = _studio(tmp_path, {"KERB_CONDA": str(tmp_path / "nope")})
     assert out.returncode == 0 and "is missing or not writable" in out.stdout
 
 
@@ -122,18 +122,15 @@ def test_lifecycle_encode_prints_one_base64_line():
         assert out.count("\n") == 1 and base64.b64decode(out) == script.read_bytes()
 
 
-def test_krb5_conf_for_ad_with_a_trusted_realm():
+def test_krb5_conf_for_ad_with_a_trusted_realm(tmp_path):
     conf = krb5_conf("corp.example.com", ["dc1.corp.example.com"], [], "dc2.corp.example.com",
                      ["ONPREM.EXAMPLE=kdc1.onprem.example,kdc2.onprem.example"])
     assert "admin_server = dc2.corp.example.com" in conf and "kpasswd_server = dc2.corp.example.com" in conf
     assert "permitted_enctypes = aes256-cts-hmac-sha1-96 aes128-cts-hmac-sha1-96" in conf
     assert "[capaths]" in conf and "kdc = kdc2.onprem.example" in conf
     from kerb_jupyter.krbprobe import parse_krb5_conf
-    import tempfile
-    with tempfile.NamedTemporaryFile("w", suffix=".conf") as f:
-        f.write(conf)
-        f.flush()
-        parsed = parse_krb5_conf(Path(f.name))
+    (tmp_path / "krb5.conf").write_text(conf)
+    parsed = parse_krb5_conf(tmp_path / "krb5.conf")
     assert parsed.realms["ONPREM.EXAMPLE"]["kdc"] == ["kdc1.onprem.example", "kdc2.onprem.example"]
     assert parsed.realm_for_host("x.cluster-1.eu-west-1.rds.amazonaws.com") == "CORP.EXAMPLE.COM"
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKES = ROOT / "tests" / "fakes"
 pytestmark = [
     pytest.mark.skipif(os.environ.get("KERB_JUPYTER_FAKES") != "1", reason="the fakes job: scripts/test-fakes"),
-    pytest.mark.timeout(300),
+    pytest.mark.timeout(900),
 ]
 ENVS = ["anaconda3", "anaconda3/envs/JupyterSystemEnv", "anaconda3/envs/python3"]
 
@@ -88,7 +88,7 @@ def machine(image, tmp_path, mode, *, wheelhouse=True, net=True, wait=3, kind="n
     cmd = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", *([] if net else ["--net"]),
            "bash", str(FAKES / f"{kind}.sh"), mode, str(work)]
     started = time.monotonic()
-    subprocess.run(cmd, check=True, timeout=280)
+    subprocess.run(cmd, check=True, timeout=840)
     shutil.copytree(work / "out", tmp_path / "out")  # kept by pytest for a look after a failure
     shutil.rmtree(work, ignore_errors=True)
     return tmp_path / "out", time.monotonic() - started
