@@ -171,7 +171,7 @@ PY
     say "server application: $SERVER_APP"
     pip_source
     local before after changed=""
-    before="$("$SERVER_ENV/bin/python" -m pip show kerb_jupyter 2>/dev/null | grep ^Version || true)"
+    before="$("$SERVER_ENV/bin/python" -m pip show kerb_jupyter 2>/dev/null | sed -n "s/^Version: //p")"
     local pids=() envs=() status
     while read -r env; do  # kernel envs in parallel (the 5-minute limit), each pip's output kept together
         [ "$env" != "$SERVER_ENV" ] || continue
@@ -184,7 +184,7 @@ PY
         [ "$status" -eq 0 ] || fail "pip could not install $PIP_SPEC into ${envs[$i]}"
     done
     install_into "$SERVER_ENV" || fail "pip could not install $PIP_SPEC into the server env $SERVER_ENV"
-    after="$("$SERVER_ENV/bin/python" -m pip show kerb_jupyter 2>/dev/null | grep ^Version || true)"
+    after="$("$SERVER_ENV/bin/python" -m pip show kerb_jupyter 2>/dev/null | sed -n "s/^Version: //p")"
     [ "$before" = "$after" ] || changed=yes
     [ -z "$(configure)" ] || changed=yes
     if [ "$SERVER_APP" = notebook ]; then
@@ -196,7 +196,8 @@ needs jupyter_server (platform notebook-al2023-v1 or al2-v3). The %kerbsql magic
         return 0
     fi
     say "restarting the Jupyter server (kernels already running are interrupted)"
-    systemctl --no-block restart jupyter-server.service || fail "systemctl could not restart jupyter-server"
+    # The server must not inherit the lock (fd 9), or it would hold it for as long as it runs.
+    systemctl --no-block restart jupyter-server.service 9>&- || fail "systemctl could not restart jupyter-server"
     for _ in $(seq 1 90); do
         if loaded; then record ok "installed $after; the extension is loaded"; return 0; fi
         sleep 1

@@ -85,12 +85,15 @@ def machine(image, tmp_path, mode, *, wheelhouse=True, net=True, wait=3, kind="n
     script = (ROOT / "lifecycle" / f"{kind}-on-start.sh").read_text()
     script = re.sub(r'^WAIT="\$\{KERB_WAIT:-240\}"', f'WAIT="${{KERB_WAIT:-{wait}}}"', script, flags=re.M)
     (work / "script.sh").write_text(script)
-    cmd = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", *([] if net else ["--net"]),
+    cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", *([] if net else ["--net"]),
            "bash", str(FAKES / f"{kind}.sh"), mode, str(work)]
     started = time.monotonic()
-    subprocess.run(cmd, check=True, timeout=840)
-    shutil.copytree(work / "out", tmp_path / "out")  # kept by pytest for a look after a failure
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        subprocess.run(cmd, check=True, timeout=840)
+    finally:
+        if (work / "out").is_dir():
+            shutil.copytree(work / "out", tmp_path / "out", dirs_exist_ok=True)  # kept by pytest for a look
+        shutil.rmtree(work, ignore_errors=True)
     return tmp_path / "out", time.monotonic() - started
 
 
@@ -107,6 +110,7 @@ def assert_installed(c, out, name):
     assert c["record"] == "ok"
     assert c["root-owned"] == "0", (out / f"{name}.root-owned").read_text()
     assert c["servers"] == "1"
+    assert c["lock"] == "free"  # nothing the install started (the server) keeps it
 
 
 def test_install_restart_and_rerun(image, tmp_path):

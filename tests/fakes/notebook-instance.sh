@@ -65,9 +65,10 @@ runner() {  # name: run the lifecycle script as SageMaker does
     echo "$rc" > "$out/$1.rc"
 }
 
-wait_install() {  # the background job holds the lock until it is done
+wait_install() {  # until the install records its outcome (the lock must then be free: checked below)
     [ -e /run/kerb-jupyter.lock ] || return 0
-    timeout 200 flock /run/kerb-jupyter.lock true
+    timeout 200 bash -c 'until grep -qE "\"status\": \"(ok|failed)\"" /home/ec2-user/.jupyter/kerb_jupyter_install.json \
+        2>/dev/null && ! pgrep -f /var/lib/kerb-jupyter/lifecycle.sh >/dev/null; do sleep 0.2; done'
 }
 
 # shellcheck disable=SC2129
@@ -89,6 +90,7 @@ checks() {  # name: the state after a run, one "key value" per line
     echo "root-owned $(find /home/ec2-user -uid 0 | wc -l)" >> "$f"
     echo "servers $(pgrep -u ec2-user -f -- '-m jupyter_server' | wc -l)" >> "$f"
     echo "server-starts $(wc -l < /var/log/fake-systemctl.log)" >> "$f"
+    if flock -n /run/kerb-jupyter.lock true; then echo "lock free" >> "$f"; else echo "lock held" >> "$f"; fi
     echo "installs $(grep -c 'background install started' /var/log/kerb-jupyter/install.log 2>/dev/null)" >> "$f"
     cp /var/log/kerb-jupyter/install.log "$out/$1.install.log" 2>/dev/null
     find /home/ec2-user -uid 0 > "$out/$1.root-owned"
