@@ -163,7 +163,7 @@ def server_check(servers: list[dict[str, Any]], timeout: float) -> Check:
     if not servers:
         return _c("extension", "warn", "no running Jupyter server found in the runtime directory",
                      "run the doctor where the server runs (same user, same JUPYTER_RUNTIME_DIR), or start it")
-    results = []
+    results, loaded_in = [], []
     for info in servers:
         url = str(info.get("url", "")).rstrip("/") + "/kerb-jupyter/api/status"
         request = urllib.request.Request(url)  # noqa: S310 - a local server's own URL
@@ -172,6 +172,7 @@ def server_check(servers: list[dict[str, Any]], timeout: float) -> Check:
         try:
             with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
                 doc = json.loads(resp.read())
+            loaded_in.append(info.get("pid"))
             results.append((True, f"loaded in the server pid {info.get('pid')} ({info.get('version', '?')}), "
                                   f"its keeper is {doc.get('state')!r}"))
         except urllib.error.HTTPError as err:
@@ -182,4 +183,4 @@ def server_check(servers: list[dict[str, Any]], timeout: float) -> Check:
     ok = any(r[0] for r in results)
     return _c("extension", "ok" if ok else "fail", "; ".join(r[1] for r in results),
                  "" if ok else "enable it (`jupyter server extension enable kerb_jupyter`) in the server's env, "
-                 "then restart the server; check the server log for an import error")
+                 "then restart the server; check the server log for an import error", pids=loaded_in)

@@ -150,7 +150,11 @@ JSON
     fi
 }
 
-loaded() { as_user "$SERVER_ENV/bin/kerb-jupyter" doctor --only extension >/dev/null 2>&1; }
+loaded() {  # [old pid]: a server other than that one answers for kerb_jupyter; prints its pid
+    as_user "$SERVER_ENV/bin/kerb-jupyter" doctor --only extension --json 2>/dev/null |
+        python3 -c 'import json, sys; p = [x for x in json.load(sys.stdin).get("pids", []) if str(x) != sys.argv[1]]
+print(p[0]) if p else sys.exit(1)' "${1:-none}"
+}
 
 background() {
     say "background install started $(date -u +%FT%TZ), pid $$"
@@ -191,7 +195,9 @@ PY
         fail "this instance's server is the classic NotebookApp (notebook < 7, JupyterLab < 4): the server extension \
 needs jupyter_server (platform notebook-al2023-v1 or al2-v3). The %kerbsql magic is installed in the kernels."
     fi
-    if [ -z "$changed" ] && loaded; then
+    local old
+    old="$(loaded)" || old=""
+    if [ -z "$changed" ] && [ -n "$old" ]; then
         record ok "already installed and loaded; the server was not restarted"
         return 0
     fi
@@ -199,7 +205,7 @@ needs jupyter_server (platform notebook-al2023-v1 or al2-v3). The %kerbsql magic
     # The server must not inherit the lock (fd 9), or it would hold it for as long as it runs.
     systemctl --no-block restart jupyter-server.service 9>&- || fail "systemctl could not restart jupyter-server"
     for _ in $(seq 1 90); do
-        if loaded; then record ok "installed $after; the extension is loaded"; return 0; fi
+        if loaded "$old" >/dev/null; then record ok "installed $after; the extension is loaded"; return 0; fi
         sleep 1
     done
     fail "installed, but the running server does not answer for kerb_jupyter: see /var/log/jupyter.log"

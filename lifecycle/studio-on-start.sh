@@ -131,8 +131,13 @@ PY
     changed=yes
 fi
 
-loaded() { "$CONDA/bin/kerb-jupyter" doctor --only extension >/dev/null 2>&1; }
-if [ -z "$changed" ] && loaded; then
+loaded() {  # [old pid]: a server other than that one answers for kerb_jupyter; prints its pid
+    "$CONDA/bin/kerb-jupyter" doctor --only extension --json 2>/dev/null | python3 -c 'import json, sys
+p = [x for x in json.load(sys.stdin).get("pids", []) if str(x) != sys.argv[1]]
+print(p[0]) if p else sys.exit(1)' "${1:-none}"
+}
+old="$(loaded)" || old=""
+if [ -z "$changed" ] && [ -n "$old" ]; then
     record ok "already installed and loaded; the server was not restarted"
     exit 0
 fi
@@ -140,6 +145,6 @@ say "restarting the Jupyter server (kernels already running are interrupted)"
 restart-jupyter-server || stop "restart-jupyter-server failed: restart the space to load kerb_jupyter"
 for _ in $(seq 1 "$LOAD_WAIT"); do
     sleep 1
-    if loaded; then record ok "installed; the extension is loaded"; exit 0; fi
+    if loaded "$old" >/dev/null; then record ok "installed; the extension is loaded"; exit 0; fi
 done
 stop "installed, but the running server does not answer for kerb_jupyter: see /var/log/apps/app_container.log"
