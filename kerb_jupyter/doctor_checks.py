@@ -162,7 +162,7 @@ def server_check(servers: list[dict[str, Any]], timeout: float) -> Check:
     """Ask each running server for the extension's status endpoint: 200 means it is loaded."""
     if not servers:
         return _c("extension", "warn", "no running Jupyter server found in the runtime directory",
-                     "run the doctor where the server runs (same user, same JUPYTER_RUNTIME_DIR), or start it")
+                     "run the doctor where the server runs (same user, same JUPYTER_RUNTIME_DIR), or start it", pids=[])
     results, loaded_in = [], []
     for info in servers:
         url = str(info.get("url", "")).rstrip("/") + "/kerb-jupyter/api/status"

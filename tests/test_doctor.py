@@ -69,6 +69,13 @@ def test_cli_exit_codes_and_json(healthy, sandbox, capsys, tmp_path):
     assert "fix: use one of the configured names" in out
 
 
+def test_cli_only_extension_fails_without_a_server(tmp_path, capsys):
+    os.environ["JUPYTER_RUNTIME_DIR"] = str(tmp_path)
+    assert main(["doctor", "--only", "extension", "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["name"] == "extension" and doc["status"] == "warn" and doc["pids"] == []
+
+
 def _krb5_conf_copy(sandbox, tmp_path, edit):
     conf = tmp_path / "krb5.conf"
     conf.write_text(edit(sandbox.realm.krb5_conf.read_text()))
@@ -223,9 +230,10 @@ def test_extension_check_asks_the_running_server(healthy, tmp_path, enabled):
         server.wait(20)
     if enabled:
         assert check.status == "ok" and f"loaded in the server pid {server.pid}" in check.detail
+        assert check.data["pids"] == [server.pid]
     else:
         assert check.status == "fail" and "answers 404" in check.detail
-        assert "jupyter server extension enable kerb_jupyter" in check.fix
+        assert "jupyter server extension enable kerb_jupyter" in check.fix and check.data["pids"] == []
 
 
 @pytest.fixture
