@@ -157,6 +157,8 @@ print(p[0]) if p else sys.exit(1)' "${1:-none}"
 }
 
 background() {
+    set -E
+    trap 'record failed "the install stopped unexpectedly (line $LINENO); see $LOG"' ERR
     say "background install started $(date -u +%FT%TZ), pid $$"
     record running "installing (log: $LOG)"
     system_packages
@@ -175,7 +177,7 @@ PY
     say "server application: $SERVER_APP"
     pip_source
     local before after changed=""
-    before="$("$SERVER_ENV/bin/python" -m pip show kerb_jupyter 2>/dev/null | sed -n "s/^Version: //p")"
+    before="$("$SERVER_ENV/bin/python" -m pip show kerb_jupyter 2>/dev/null | sed -n "s/^Version: //p" || true)"
     local pids=() envs=() status
     while read -r env; do  # kernel envs in parallel (the 5-minute limit), each pip's output kept together
         [ "$env" != "$SERVER_ENV" ] || continue
@@ -188,7 +190,7 @@ PY
         [ "$status" -eq 0 ] || fail "pip could not install $PIP_SPEC into ${envs[$i]}"
     done
     install_into "$SERVER_ENV" || fail "pip could not install $PIP_SPEC into the server env $SERVER_ENV"
-    after="$("$SERVER_ENV/bin/python" -m pip show kerb_jupyter 2>/dev/null | sed -n "s/^Version: //p")"
+    after="$("$SERVER_ENV/bin/python" -m pip show kerb_jupyter 2>/dev/null | sed -n "s/^Version: //p" || true)"
     [ "$before" = "$after" ] || changed=yes
     [ -z "$(configure)" ] || changed=yes
     if [ "$SERVER_APP" = notebook ]; then

@@ -65,10 +65,8 @@ runner() {  # name: run the lifecycle script as SageMaker does
     echo "$rc" > "$out/$1.rc"
 }
 
-wait_install() {  # until the install records its outcome (the lock must then be free: checked below)
-    [ -e /run/kerb-jupyter.lock ] || return 0
-    timeout 200 bash -c 'until grep -qE "\"status\": \"(ok|failed)\"" /home/ec2-user/.jupyter/kerb_jupyter_install.json \
-        2>/dev/null && ! pgrep -f /var/lib/kerb-jupyter/lifecycle.sh >/dev/null; do sleep 0.2; done'
+wait_install() {  # until the background install is gone (the lock must then be free: checked below)
+    timeout 200 bash -c 'while pgrep -f /var/lib/kerb-jupyter/lifecycle.sh >/dev/null; do sleep 0.2; done'
 }
 
 # shellcheck disable=SC2129
