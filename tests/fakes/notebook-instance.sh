@@ -66,7 +66,7 @@ runner() {  # name: run the lifecycle script as SageMaker does
 }
 
 wait_install() {  # until the background install is gone (the lock must then be free: checked below)
-    timeout 200 bash -c 'while pgrep -f /var/lib/kerb-jupyter/lifecycle.sh >/dev/null; do sleep 0.2; done'
+    timeout 200 bash -c 'while pgrep -f "^bash /var/lib/kerb-jupyter/lifecycle.sh" >/dev/null; do sleep 0.2; done'
 }
 
 # shellcheck disable=SC2129
