@@ -36,6 +36,8 @@ def image():
     /var/tmp, keyed by the wheels; not under pytest's 0700 basetemp: ec2-user must traverse it."""
     wheelhouse = Path(tempfile.mkdtemp(prefix="kerb-jupyter-wheelhouse-"))
     build_wheelhouse(wheelhouse, str(ROOT))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheelhouse), "ipykernel"],
+                   check=True)  # the image's kernels (not installed by the scripts)
     key = hashlib.sha256("\n".join(sorted(w.name for w in wheelhouse.glob("*.whl"))).encode()).hexdigest()[:12]
     base = Path(f"/var/tmp/kerb-jupyter-fakes-{key}")
     if not (base / "complete").exists():
@@ -53,7 +55,7 @@ fi
 mkdir -p {a} && mount --bind {base}/anaconda3 {a}
 {sys._base_executable} -m venv {a}/envs/JupyterSystemEnv
 {a}/envs/JupyterSystemEnv/bin/python -m pip install -q --disable-pip-version-check --no-index \
-    --find-links {wheelhouse} jupyter_server ipython boto3 sqlalchemy
+    --find-links {wheelhouse} jupyter_server ipykernel ipython boto3 sqlalchemy
 cp -a {a}/envs/JupyterSystemEnv {a}/envs/python3
 cp -a {a}/envs/JupyterSystemEnv/. {a}/
 fix() {{ for f in "$1"/bin/*; do  # entry points' shebangs name their env (never follow a symlink)
@@ -170,7 +172,7 @@ def test_studio_space_install_app_restart_and_rerun(image, tmp_path):
         assert c["loaded"] == "yes", (out / f"{run}.doctor").read_text()
         assert c["etc-krb5.conf"] == "sagemaker-user 644 1"  # the image's file, untouched
         assert c["private-krb5.conf"].startswith("sagemaker-user ")
-        assert c["server-KRB5_CONFIG"] == "/home/sagemaker-user/.kerb_jupyter/krb5.conf"
+        assert c["kernel-KRB5_CONFIG"] == "/home/sagemaker-user/.kerb_jupyter/krb5.conf"
         assert c["state-dir"] == "/dev/shm/kerb_jupyter-1000"
         assert c["record"] == "ok" and c["root-owned"] == "0", (out / f"{run}.root-owned").read_text()
         assert c["config-blocks"] == "1"

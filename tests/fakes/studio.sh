@@ -61,14 +61,15 @@ SH
 port="$1"; shift
 while [ ! -e /run/fake-supervisord.stop ]; do
     /opt/conda/bin/python -m jupyter_server --no-browser --ip=127.0.0.1 --port="$port" \
-        --ServerApp.base_url=/jupyterlab/default --IdentityProvider.token='' >> /run/jupyterlabserver.log 2>&1 &
+        --ServerApp.base_url=/jupyterlab/default --IdentityProvider.token='' --ServerApp.disable_check_xsrf=True \
+        >> /run/jupyterlabserver.log 2>&1 &
     echo $! > /run/jupyterlabserver.pid
     echo "start $!" >> /run/fake-supervisord.log
     wait $!
 done
 SH
     chmod 0755 /usr/local/bin/restart-jupyter-server /usr/local/bin/fake-supervisord
-    local port extra=()
+    local extra=()
     port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     [ "$mode" != shared ] || extra=(--collaborative)
     rm -f "$H"/.local/share/jupyter/runtime/jpserver-*  # a stale one from the last app would look like a server
@@ -79,7 +80,7 @@ SH
 stop_app() {
     kill -KILL -1 2>/dev/null
     sleep 0.5
-    umount "$H" /home /dev/shm /opt /run /usr/bin /usr/local /etc
+    umount -l "$H" /home /dev/shm /opt /run /usr/bin /usr/local /etc  # lazy: umount itself runs from /usr/bin
 }
 
 runner() {  # name: the LCC, as sagemaker-user with the container's environment, 300 s
@@ -104,8 +105,23 @@ checks() {  # name
         > "$out/$1.doctor" 2>&1; then echo "loaded yes" >> "$f"; else echo "loaded no" >> "$f"; fi
     echo "etc-krb5.conf $(stat -c '%U %a' /etc/krb5.conf) $(grep -c IMAGE.EXAMPLE /etc/krb5.conf)" >> "$f"
     echo "private-krb5.conf $(stat -c '%U %a' "$H/.kerb_jupyter/krb5.conf" 2>&1)" >> "$f"
-    pid="$(cat /run/jupyterlabserver.pid 2>/dev/null)"
-    echo "server-KRB5_CONFIG $(tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep '^KRB5_CONFIG=' | cut -d= -f2)" >> "$f"
+    # What a kernel the server starts gets (its environment is fixed at exec, unlike the server's own).
+    pid="$(runuser -u sagemaker-user -- python3 - "$port" <<'PY'
+import json, sys, time, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}/jupyterlab/default/api/kernels"
+kernel = json.load(urllib.request.urlopen(urllib.request.Request(base, data=b"{}", method="POST"), timeout=60))
+for _ in range(200):
+    for proc in __import__("pathlib").Path("/proc").glob("[0-9]*"):
+        try:
+            if kernel["id"] in proc.joinpath("cmdline").read_text():
+                print(proc.name)
+                sys.exit(0)
+        except OSError:
+            pass
+    time.sleep(0.1)
+PY
+)"
+    echo "kernel-KRB5_CONFIG $(tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep '^KRB5_CONFIG=' | cut -d= -f2)" >> "$f"
     echo "state-dir $(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("state_dir"))' \
         "$H/.jupyter/kerb_jupyter.json" 2>&1)" >> "$f"
     echo "record $(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["status"])' \
