@@ -40,6 +40,9 @@ def image():
                    check=True)  # the image's kernels (not installed by the scripts)
     key = hashlib.sha256("\n".join(sorted(w.name for w in wheelhouse.glob("*.whl"))).encode()).hexdigest()[:12]
     base = Path(f"/var/tmp/kerb-jupyter-fakes-{key}")
+    for old in Path("/var/tmp").glob("kerb-jupyter-fakes-*"):  # images for other wheel sets
+        if old != base:
+            shutil.rmtree(old, ignore_errors=True)
     if not (base / "complete").exists():
         shutil.rmtree(base, ignore_errors=True)
         (base / "anaconda3").mkdir(parents=True)

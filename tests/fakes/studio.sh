@@ -49,7 +49,7 @@ start_app() {  # n
         fix_shebangs "$H/.conda/envs/myenv" /home/ec2-user/anaconda3/envs/python3 "$H/.conda/envs/myenv"
         chown -R 1000:100 "$H"
     fi
-    [ "$mode" != nosudo ] || mknod /usr/bin/kinit c 0 0  # an image without the Kerberos client (whiteout)
+    [ "$mode" != nosudo ] || rm -f /usr/bin/kinit  # an image without the Kerberos client (an overlay whiteout)
     cat > /usr/local/bin/restart-jupyter-server <<'SH'
 #!/bin/bash
 # SMD's restart-jupyter-server: backgrounds the restart and returns at once.
