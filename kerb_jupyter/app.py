@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Int, TraitError, Unicode, default, validate
+from traitlets.config import Config
+from traitlets.config.application import Application
+from traitlets.config.loader import ConfigFileNotFound
 
-from . import __version__, metrics
-from .config import ENV_CONFIG, Settings, load_settings
+from . import __version__, checks, metrics
+from .config import ENV_CONFIG, Settings, default_config_path, load_settings, validate_principal
 from .errors import ConfigError, KerbJupyterError
 from .handlers import RateLimiter
 from .keeper import TicketKeeper
 from .sources import build_source
+
+ENV_ROOT_DIR = "KERB_JUPYTER_ROOT_DIR"  # the server's root_dir, for kernels' root-relative notebook tags
 
 
 class KerbJupyterApp(ExtensionApp):
@@ -29,7 +36,8 @@ class KerbJupyterApp(ExtensionApp):
         "",
         config=True,
         help="Path of the shared kerb_jupyter JSON configuration (clusters, principal, credential source). "
-        f"Default: the environment variable {ENV_CONFIG}, else ~/.jupyter/kerb_jupyter.json.",
+        f"Default: the environment variable {ENV_CONFIG}, else ~/.jupyter/kerb_jupyter.json. Only this file "
+        "is read: it is never treated as Jupyter configuration, and nothing next to it is executed.",
     )
     principal = Unicode(
         "",
@@ -40,14 +48,15 @@ class KerbJupyterApp(ExtensionApp):
     renew_fraction = Float(
         0.8,
         config=True,
-        help="Renew when this fraction of the ticket lifetime has passed (0.1-0.95; 5% jitter is added). "
-        "Default 0.8.",
+        help="Renew when this fraction of the ticket lifetime has passed (0.1-0.95; up to 5% earlier, at "
+        "random). Default 0.8.",
     )
     retry_interval = Float(
         60.0,
         config=True,
         help="Seconds before the first retry after a failed renewal; doubles per failure up to "
-        "max_retry_interval. Default 60.",
+        "max_retry_interval, at most a third of the time the ticket has left, never less than this (plus "
+        "0-5% jitter). Default 60.",
     )
     max_retry_interval = Float(900.0, config=True, help="Longest wait between retries, seconds. Default 900.")
     ticket_lifetime = Int(
@@ -65,6 +74,16 @@ class KerbJupyterApp(ExtensionApp):
     check_min_interval = Float(
         2.0, config=True,
         help="POST api/clusters/<name>/check is allowed once per this many seconds per cluster. Default 2.",
+    )
+    max_concurrent_checks = Int(
+        4, config=True,
+        help="Cluster checks running at once (their own threads); more are answered 429 at once. Default 4.",
+    )
+    rejected_cooldown = Float(
+        900.0, config=True,
+        help="Seconds after the KDC rejected the credentials during which POST api/renew answers 409 without "
+        "asking the KDC again (protects the AD account from lockout), unless the keytab, secret or "
+        "configuration changes first. Default 900.",
     )
 
     @default("config_file")
@@ -85,21 +104,89 @@ class KerbJupyterApp(ExtensionApp):
             raise TraitError(f"KerbJupyterApp.{proposal['trait'].name} must be at least 0.1 s, not {value}")
         return value
 
+    @validate("ticket_lifetime", "renewable_lifetime", "rejected_cooldown", "renew_min_interval",
+              "check_min_interval")
+    def _check_not_negative(self, proposal: Any) -> Any:
+        value = proposal["value"]
+        if value < 0:
+            raise TraitError(f"KerbJupyterApp.{proposal['trait'].name} must be 0 or more, not {value}")
+        return value
+
+    @validate("max_concurrent_checks")
+    def _check_pool(self, proposal: Any) -> int:
+        value = int(proposal["value"])
+        if not 1 <= value <= 64:
+            raise TraitError(f"KerbJupyterApp.max_concurrent_checks must be from 1 to 64, not {value}")
+        return value
+
+    # -- configuration: never fatal, never code ---------------------------------------------------------
+    def load_config_file(self, suppress_errors: bool = True) -> None:  # type: ignore[override]
+        """Jupyter's own config files only. ``config_file`` names our JSON settings, which JupyterApp would
+        otherwise load as Jupyter configuration, executing a ``kerb_jupyter.py`` found next to it."""
+        for name in ("jupyter_config", self.config_file_name):
+            try:
+                Application.load_config_file(self, name, path=self.config_file_paths)
+            except ConfigFileNotFound:
+                pass
+
+    def _load_config(self, cfg: Config, section_names: list[str] | None = None,
+                     traits: dict[str, Any] | None = None) -> None:
+        """Load settings; a bad value is recorded (and reported by the status API) instead of failing the
+        extension's load, which would leave its API answering 404."""
+        try:
+            super()._load_config(cfg, section_names, traits)
+            return
+        except TraitError:
+            pass
+        all_traits = traits if traits is not None else self.traits(config=True)
+        for name, value in self._find_my_config(cfg).items():
+            if name not in all_traits:
+                continue
+            try:
+                super()._load_config(Config({type(self).__name__: {name: value}}), section_names,
+                                     {name: all_traits[name]})
+            except TraitError as err:
+                self._setting_errors()[name] = str(err)
+
+    def _setting_errors(self) -> dict[str, str]:
+        if "_bad_settings" not in self.__dict__:
+            self.__dict__["_bad_settings"] = {}
+        return self.__dict__["_bad_settings"]  # type: ignore[no-any-return]
+
     # -- set-up -----------------------------------------------------------------------------------------
     def initialize_settings(self) -> None:
         self.keeper: TicketKeeper | None = None
         self.config_error: KerbJupyterError | None = None
         self.renew_limiter = RateLimiter(self.renew_min_interval)
         self.check_limiter = RateLimiter(self.check_min_interval)
+        self.checks_running = 0
+        self._collector: metrics.KeeperCollector | None = None
         self.settings.update(kerb_jupyter_app=self)
+        root = getattr(self.serverapp, "root_dir", None)
+        if root:
+            os.environ[ENV_ROOT_DIR] = str(root)
+        self._configure()
+
+    def _configure(self) -> None:
+        """Read the configuration and build the keeper; any problem becomes ``config_error``."""
+        self.keeper, self.config_error = None, None
+        self.settings_obj: Settings = Settings(path=None)
+        self._stamp = _file_stamp(self._config_path())
         try:
-            self.settings_obj: Settings = load_settings(self.config_file or None)
+            bad = self._setting_errors()
+            if bad:
+                name, text = next(iter(bad.items()))
+                raise ConfigError(f"KerbJupyterApp.{name}: {text}")
+            self.settings_obj = self._load()
             self.keeper = self._make_keeper(self.settings_obj)
         except KerbJupyterError as err:
             # Keep serving: the status page and API say what is wrong instead of a missing page.
             self.config_error = err
-            self.settings_obj = Settings(path=None)
-            self.log.error("kerb_jupyter: configuration error: %s", err)
+            self.log.error("configuration error: %s", err)
+        except Exception as err:  # the extension must load whatever the configuration holds
+            self.config_error = ConfigError(f"{self._config_path()}: unusable configuration "
+                                            f"({type(err).__name__}: {str(err)[:200]})")
+            self.log.error("configuration error: %s", self.config_error, exc_info=True)
         if self.keeper is not None:
             # Kernels copy the server's environment when they start: this is how they find the cache.
             # Only when we keep a ticket: installing the package must not take over anyone's KRB5CCNAME.
@@ -113,24 +200,47 @@ class KerbJupyterApp(ExtensionApp):
             who = f"principal {self.keeper.principal} (configured)"
         else:
             order = self.settings_obj.identity.get("order") or ["default order"]
-            who = f"principal from identity ({', '.join(order)}) and mapping rules"
+            who = f"principal from identity ({', '.join(map(str, order))}) and mapping rules"
         self.log.info(
             "kerb_jupyter %s: %s, ticket from %s, cache %s, clusters: %s", __version__, who,
-            self.keeper.source.describe() if self.keeper else "(nothing)", self.settings_obj.cache_path,
+            self.keeper.state.source if self.keeper else "(nothing)", self.settings_obj.cache_path,
             ", ".join(self.settings_obj.clusters) or "(none)",
         )
 
+    def _config_path(self) -> Path:
+        return Path(self.config_file).expanduser() if self.config_file else default_config_path()
+
+    def _load(self) -> Settings:
+        path = self.config_file or None
+        try:
+            settings = load_settings(path)
+        except (TypeError, ValueError, AttributeError):
+            # A wrongly typed value the shared loader does not check: find it and name it.
+            where = self._config_path()
+            checks.check_top_level(json.loads(where.read_text()), str(where))
+            raise
+        label = str(settings.path or "the configuration")
+        checks.check_source(settings.source, label)
+        checks.check_identity(settings.identity, label)
+        checks.check_mapping(settings.mapping, label)
+        return settings
+
     def _make_keeper(self, settings: Settings) -> TicketKeeper | None:
+        if self.principal:
+            validate_principal(self.principal, "KerbJupyterApp.principal")
         principal = self.principal or settings.principal
         resolve = None
         if not principal and (settings.identity or settings.mapping):
             resolve = make_resolver(settings)
-        if not (principal or resolve) or not settings.source:
+        broker = settings.source.get("type") == "broker"  # the broker itself says who the user is
+        if not (principal or resolve or broker) or not settings.source:
             return None
         try:
             source = build_source(settings.source)
         except ConfigError as err:
             raise ConfigError(f"{settings.path or 'the configuration'}: {err}") from None
+        if broker and not principal and resolve is None:
+            resolve = source.resolver(settings.cache_path)  # type: ignore[attr-defined]
         return TicketKeeper(
             principal or None,
             source,
@@ -143,24 +253,54 @@ class KerbJupyterApp(ExtensionApp):
             renew_life=self.renewable_lifetime,
             identity={"name": principal, "source": "config", "trusted": False} if principal else None,
             resolve=resolve,
+            log=self.log,
+            rejected_cooldown=self.rejected_cooldown,
         )
+
+    async def reload_if_changed(self) -> bool:
+        """Re-read the configuration file if it changed since it was read (a renew request applies an edit
+        without a restart); returns whether it did, in which case the new keeper has made its first attempt."""
+        if _file_stamp(self._config_path()) == self._stamp:
+            return False
+        self.log.info("the configuration %s changed: reading it again", self._config_path())
+        await self._stop_keeper()
+        self._configure()
+        if self.keeper is not None and self.start_keeper:
+            await self.keeper.start_now()  # the one attempt a renew request makes
+            self._collector = metrics.register(self.keeper)
+        return True
 
     def initialize_handlers(self) -> None:
         from .handlers import handlers
 
         self.handlers.extend(handlers(self.extension_url))
 
-    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+    def _start_keeper(self) -> None:
         if self.keeper is not None and self.start_keeper:
             self.keeper.start()
             self._collector = metrics.register(self.keeper)
 
-    async def stop_extension(self) -> None:
+    async def _stop_keeper(self) -> None:
         keeper = getattr(self, "keeper", None)  # absent when initialisation failed
         if keeper is not None:
             await keeper.stop()
         metrics.unregister(getattr(self, "_collector", None))
         self._collector = None
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        self._start_keeper()
+
+    async def stop_extension(self) -> None:
+        await self._stop_keeper()
+
+
+def _file_stamp(path: Path) -> tuple[Any, ...]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path), None)
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
 
 def make_resolver(settings: Settings) -> Callable[[], tuple[dict[str, Any], str]]:
     """Identity chain + mapping rules as one call the keeper makes (in a thread: AWS calls block)."""
@@ -174,3 +314,6 @@ def make_resolver(settings: Settings) -> Callable[[], tuple[dict[str, Any], str]
         return identity.as_dict(), map_identity(identity.name, settings.mapping)
 
     return resolve
+
+
+main = launch_new_instance = KerbJupyterApp.launch_instance

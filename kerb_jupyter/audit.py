@@ -1,6 +1,7 @@
 """The audit log: one JSON line per statement (who, where, what shape, how it went), never parameter values.
 
-The file is private (0600, created with O_APPEND so concurrent kernels interleave whole lines). The statement
+The file is private (0600, created with O_APPEND so concurrent kernels interleave whole lines); a symlink, a file
+of another user, one others may write or one with other hard links is refused (OSError saying which). The statement
 is recorded as a fingerprint (literals replaced by ``?``, then SHA-256) plus that literal-free text, cut short.
 """
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import files
 from .sqlparse import fingerprint_text
 
 TEXT_MAX = 300
@@ -24,13 +26,12 @@ def fingerprint(statement: str) -> tuple[str, str]:
 
 
 def record(path: Path, **fields: Any) -> None:
-    """Append one record; a failure to audit is reported by the caller, never silently dropped."""
+    """Append one record; a failure to audit is reported by the caller, never silently dropped. Raises OSError."""
     statement = fields.pop("statement", "")
     digest, shape = fingerprint(statement)
     doc = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fingerprint": digest, "statement": shape, **fields}
     line = (json.dumps(doc, default=str, ensure_ascii=True) + "\n").encode()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = files.open_append(path)  # refuses a symlink, another user's file, a shared or hard-linked one
     try:
         os.write(fd, line)
     finally:

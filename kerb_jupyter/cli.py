@@ -20,6 +20,7 @@ from .errors import KerbJupyterError
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
+    from .sandbox.broker import BrokerSandbox
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     sb.add_argument("--kdc-port", type=int, default=0, help="KDC port (default: a free one)")
     sb.add_argument("--pg-port", type=int, action="append", default=[], help="PostgreSQL port, once per cluster")
     sb.add_argument("--lab-port", type=int, default=0, help="JupyterLab port (default: a free one)")
+    sb.add_argument("--broker", action="store_true", help="no user secret anywhere: an LDAP-backed realm, moto "
+                    "STS for AWS, the credential broker, and a notebook configuration whose source is the broker")
     st = sub.add_parser("status", help="show the ticket in the shared cache and the keeper's state")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     kc = sub.add_parser("krb5-conf", help="print a krb5.conf for an Active Directory realm (for lifecycle scripts)")
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     wh.add_argument("dir", help="directory to fill (created if missing)")
     wh.add_argument("--spec", default="", help="what to build (default: this installed kerb_jupyter's own wheel "
                     "plus its dependencies)")
+    bk = sub.add_parser("broker", help="run the credential broker (S4U tickets for AWS-verified callers)")
+    bk.add_argument("--config", required=True, help="the broker's JSON configuration (see the README)")
     args = parser.parse_args(argv)
     try:
         if args.command == "doctor":
@@ -64,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             from .wheelhouse import build_wheelhouse
 
             build_wheelhouse(Path(args.dir), args.spec or None)
+            return 0
+        if args.command == "broker":
+            from .broker.app import run as run_broker
+
+            run_broker(args.config)
             return 0
         if args.command == "sandbox":
             return run_sandbox(args)
@@ -88,7 +98,13 @@ def run_sandbox(args: argparse.Namespace) -> int:
     temporary = args.dir is None
     root = Path(args.dir or tempfile.mkdtemp(prefix="kerb-jupyter-sandbox-"))
     clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
-    sandbox = Sandbox(root, clusters=clusters, kdc_port=args.kdc_port, pg_ports=args.pg_port)
+    sandbox: Sandbox | BrokerSandbox
+    if args.broker:
+        from .sandbox.broker import BrokerSandbox
+
+        sandbox = BrokerSandbox(root, clusters=clusters)
+    else:
+        sandbox = Sandbox(root, clusters=clusters, kdc_port=args.kdc_port, pg_ports=args.pg_port)
     lab: subprocess.Popen[bytes] | None = None
     try:
         started = time.monotonic()
@@ -116,7 +132,7 @@ def run_sandbox(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _start_lab(sandbox: Sandbox, port: int) -> subprocess.Popen[bytes]:
+def _start_lab(sandbox: Sandbox | BrokerSandbox, port: int) -> subprocess.Popen[bytes]:
     notebooks = sandbox.root / "notebooks"
     notebooks.mkdir(exist_ok=True)
     demo = Path(__file__).parent / "sandbox" / "demo.ipynb"
@@ -206,20 +222,33 @@ def run_doctor_command(args: argparse.Namespace) -> int:
 
 
 def show_status(as_json: bool) -> int:
-    from .config import load_settings
+    """The shared ticket and the keeper's state; a configuration problem (a KERB_JUPYTER_CONFIG naming a
+    file that does not exist, a malformed file) is said first, then what the default locations hold."""
+    from .config import ENV_CONFIG, Settings, load_settings
+    from .errors import ConfigError
     from .status import credential_status
 
-    status = credential_status(load_settings())
+    config_error: ConfigError | None = None
+    try:
+        settings = load_settings(os.environ.get(ENV_CONFIG) or None)
+    except ConfigError as err:
+        missing = os.environ.get(ENV_CONFIG) and "does not exist" in str(err)
+        config_error = ConfigError(f"{err} (named by {ENV_CONFIG})") if missing else err
+        settings = Settings(path=None)
+    status = credential_status(settings)
     if as_json:
         print(json.dumps({
+            "config_error": {"code": config_error.code, "message": str(config_error)} if config_error else None,
             "cache": status.cache,
             "ticket": status.ticket.as_dict() if status.ticket else None,
             "keeper": status.keeper,
             "error": {"code": status.error.code, "message": str(status.error)} if status.error else None,
         }, indent=2))
     else:
+        if config_error is not None:
+            print(f"configuration: {config_error}")
         print(repr(status))
-    return 0 if status.ticket else 1
+    return 0 if status.ticket and config_error is None else 1
 
 
 if __name__ == "__main__":

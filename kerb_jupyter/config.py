@@ -11,11 +11,15 @@ One JSON document, found at ``$KERB_JUPYTER_CONFIG`` or ``~/.jupyter/kerb_jupyte
       }
     }
 
-Every error names the file and the key at fault.
+Every error names the file and the key at fault. A cluster's ``options`` (extra libpq parameters) may not set
+what carries the security model or what the cluster has as settings of its own (``FORBIDDEN_OPTIONS``), and
+must be parameters libpq knows: a bad one is that cluster's ``error`` (shown by the clusters list and the
+check; connecting refuses), the rest of the configuration still loads.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, UnknownClusterError
+from .identity import validate_spec as validate_identity_spec
 
 ENV_CONFIG = "KERB_JUPYTER_CONFIG"
 ENV_STATE_DIR = "KERB_JUPYTER_STATE_DIR"
@@ -39,7 +44,13 @@ _CLUSTER_KEYS = {
 _GSSENC = {"disable", "prefer", "require"}
 _SSL = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_PRINCIPAL = re.compile(r"^[^\s@/\\\"'`;]+(/[^\s@/\\\"'`;]+)?@[A-Z0-9][A-Z0-9.-]*$")
+_PRINCIPAL = re.compile(r"^[^\s@/\\\"'`;]+(/[^\s@/\\\"'`;]+)?@[A-Z0-9][A-Z0-9.-]*$", re.ASCII)
+# libpq parameters a cluster's "options" may not set: they carry the security model (GSSAPI only, no password,
+# no credential delegation to the server) or are the cluster's own settings (two places must never disagree).
+FORBIDDEN_OPTIONS = frozenset({
+    "require_auth", "gssencmode", "krbsrvname", "gsslib", "gssdelegation", "service", "passfile", "password",
+    "user", "host", "port", "dbname", "sslmode", "connect_timeout",
+})
 
 
 @dataclass(frozen=True)
@@ -58,13 +69,14 @@ class ClusterConfig:
     options: dict[str, str] = field(default_factory=dict)
     tagging: bool = True
     description: str = ""
+    error: str | None = None  # why this cluster cannot be used (a refused option): connecting raises it
 
     def public(self) -> dict[str, Any]:
         """The non-secret connection details (everything here is non-secret by construction)."""
         return {
             "name": self.name, "host": self.host, "port": self.port, "dbname": self.dbname,
             "user": self.user, "krbsrvname": self.krbsrvname, "gssencmode": self.gssencmode,
-            "sslmode": self.sslmode, "description": self.description,
+            "sslmode": self.sslmode, "description": self.description, "error": self.error,
         }
 
 
@@ -152,6 +164,10 @@ def parse_settings(raw: Any, where: Path | None = None) -> Settings:
         if not isinstance(value, dict):
             raise ConfigError(f"{label}: '{key}' must be an object")
         sections[key] = value
+    try:
+        validate_identity_spec(sections["identity"])
+    except ConfigError as err:
+        raise ConfigError(f"{label}: {err}") from None
     state_dir = Path(raw["state_dir"]).expanduser() if raw.get("state_dir") else default_state_dir()
     audit = Path(raw["audit_log"]).expanduser() if raw.get("audit_log") else None
     return Settings(path=where, principal=principal, state_dir=state_dir, clusters=clusters,
@@ -160,7 +176,7 @@ def parse_settings(raw: Any, where: Path | None = None) -> Settings:
 
 def validate_principal(value: Any, what: str) -> str:
     """A ``user@REALM`` (or ``user/instance@REALM``) principal with an upper-case realm."""
-    if not isinstance(value, str) or not _PRINCIPAL.match(value) or len(value) > 256:
+    if not isinstance(value, str) or not value.isascii() or not _PRINCIPAL.match(value) or len(value) > 256:
         raise ConfigError(f"{what}: {value!r:.80} is not a Kerberos principal of the form user@REALM "
                           "(realm in upper case)")
     return value
@@ -187,12 +203,37 @@ def _cluster(name: Any, spec: Any, label: str) -> ClusterConfig:
     if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
         raise ConfigError(f"{where}.connect_timeout must be a whole number of seconds >= 1")
     options = spec.get("options", {})
-    if not isinstance(options, dict) or not all(isinstance(v, str | int) for v in options.values()):
+    if not isinstance(options, dict) or not all(isinstance(v, str | int) and not isinstance(v, bool)
+                                                for v in options.values()):
         raise ConfigError(f"{where}.options must be an object of libpq parameter -> value")
-    for key in ("dbname", "user", "krbsrvname", "description"):
+    for key in ("host", "dbname", "user", "krbsrvname", "description"):
         if key in spec and not isinstance(spec[key], str):
             raise ConfigError(f"{where}.{key} must be a string")
+        if "\x00" in spec.get(key, ""):
+            raise ConfigError(f"{where}.{key} contains a NUL character")
     if "tagging" in spec and not isinstance(spec["tagging"], bool):
         raise ConfigError(f"{where}.tagging must be true or false")
     fields = {k: v for k, v in spec.items() if k != "options"}
-    return ClusterConfig(name=name, options={k: str(v) for k, v in options.items()}, **fields)
+    error = option_error(options, f"clusters.{name}.options")
+    return ClusterConfig(name=name, options={} if error else {k: str(v) for k, v in options.items()}, error=error,
+                         **fields)
+
+
+def option_error(options: dict[str, Any], where: str) -> str | None:
+    """Why these extra libpq parameters are refused (naming the first bad key), or None when they are fine."""
+    for key, value in sorted(options.items()):
+        if key in FORBIDDEN_OPTIONS:
+            return (f"{where}.{key} is not allowed: {key} is set by the cluster's own settings or by kerb_jupyter "
+                    f"(options may not set {', '.join(sorted(FORBIDDEN_OPTIONS))})")
+        if key not in _libpq_keywords():
+            return f"{where}.{key} is not a libpq connection parameter"
+        if "\x00" in str(value):
+            return f"{where}.{key} contains a NUL character"
+    return None
+
+
+@functools.cache
+def _libpq_keywords() -> frozenset[str]:
+    import psycopg
+
+    return frozenset(opt.keyword.decode() for opt in psycopg.pq.Conninfo.get_defaults())

@@ -18,8 +18,9 @@ from typing import Any
 import psycopg
 
 from . import tickets
+from .brokersource import require_grant
 from .config import ClusterConfig, Settings
-from .errors import DatabaseError, KerbJupyterError, NoTicketError, TicketError, TicketExpiredError
+from .errors import ConfigError, DatabaseError, KerbJupyterError, NoTicketError, TicketError, TicketExpiredError
 from .tagging import application_name
 
 
@@ -97,6 +98,7 @@ class Session:
             return conn
         self.connections.pop(name, None)
         info = check_ticket(self.settings)
+        require_grant(info, cluster)  # a broker cache: say so when this cluster was not granted
         conn = connect(cluster, info.principal, self.settings)
         self.connections[name] = conn
         return conn
@@ -119,6 +121,10 @@ class Session:
 
 
 def conninfo(cluster: ClusterConfig, principal: str) -> dict[str, Any]:
+    """libpq parameters for ``cluster``. Raises ConfigError when the cluster's configuration was refused (its
+    ``error``: a forbidden or unknown option), so nothing connects with settings that undo GSSAPI."""
+    if cluster.error:
+        raise ConfigError(f"cluster {cluster.name!r} cannot be used: {cluster.error}")
     params: dict[str, Any] = {
         "host": cluster.host,
         "port": cluster.port,
@@ -131,7 +137,8 @@ def conninfo(cluster: ClusterConfig, principal: str) -> dict[str, Any]:
         "require_auth": "gss",  # never fall back to a password prompt
         "application_name": application_name(principal) if cluster.tagging else "kerb_jupyter",
     }
-    params.update(cluster.options)
+    # Options never override the keys above (the configuration refuses them; this keeps it true for any caller).
+    params.update({k: v for k, v in cluster.options.items() if k not in params})
     return params
 
 

@@ -1,18 +1,20 @@
 """REST handlers and the status page under /kerb-jupyter/, behind Jupyter's authentication and authorization.
 
 Every error is JSON ``{"error": {"code": ..., "message": ...}}`` with a stable code and never a traceback.
-``renew`` and ``check`` are rate-limited so nobody can use them to hammer the KDC or a database.
+``renew`` and ``check`` are rate-limited so nobody can use them to hammer the KDC or a database; cluster
+checks run in a small pool of their own (over its bound: 429 at once), so hanging databases never delay
+``status`` or ``renew``. After rejected credentials ``renew`` answers 409 without asking the KDC again.
 """
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
 import time
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
@@ -20,12 +22,14 @@ from tornado import web
 
 from . import db
 from .errors import KerbJupyterError, UnknownClusterError
+from .threads import in_daemon_thread
 
 if TYPE_CHECKING:
     from .app import KerbJupyterApp
 
 AUTH_RESOURCE = "kerb_jupyter"
-HTTP_STATUS = {"unknown_cluster": 404, "rate_limited": 429, "not_configured": 409}
+HTTP_STATUS = {"unknown_cluster": 404, "rate_limited": 429, "checks_busy": 429, "not_configured": 409,
+               "credentials_rejected": 409}
 
 
 class RateLimiter:
@@ -108,13 +112,42 @@ class RenewHandler(BaseHandler):
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        if self.app.keeper is None:
+        app = self.app
+        reloaded = await app.reload_if_changed()  # an edited configuration applies now, without a restart
+        if app.keeper is None:
+            if app.config_error is not None:
+                return self.write_problem("not_configured", f"there is no ticket to renew: {app.config_error}")
             return self.write_problem("not_configured", "there is no ticket to renew: nothing is configured")
-        if self.limited(self.app.renew_limiter, "renew"):
+        if reloaded:  # the new keeper's first attempt was this request's attempt
+            return self._answer()
+        if self.limited(app.renew_limiter, "renew"):
             return None
-        await self.app.keeper.renew_now()
+        held = await app.keeper.held()
+        if held > 0:
+            self.set_header("Retry-After", str(max(1, round(held))))
+            return self.write_problem("credentials_rejected", self._rejected(
+                f"not tried again for {_minutes(held)} to protect the account from lockout, unless the "
+                "keytab, secret or configuration changes first"))
+        await app.keeper.renew_now()
+        return self._answer()
+
+    def _answer(self) -> None:
+        assert self.app.keeper is not None
+        state = self.app.keeper.state
+        if state.state == "error" and (state.last_error or {}).get("code") == "credentials_rejected":
+            return self.write_problem("credentials_rejected", self._rejected(
+                "fix the keytab or secret (a change is noticed at once), then renew again"))
         self.write_json(status_doc(self.app))
         return None
+
+    def _rejected(self, advice: str) -> str:
+        assert self.app.keeper is not None
+        reason = (self.app.keeper.state.last_error or {}).get("message", "the KDC rejected the credentials")
+        return f"{reason}; {advice}"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 class ClustersHandler(BaseHandler):
@@ -128,16 +161,27 @@ class ClusterCheckHandler(BaseHandler):
     @web.authenticated
     @authorized
     async def post(self, name: str) -> None:
+        app = self.app
         try:
-            cluster = self.app.settings_obj.cluster(name)
+            cluster = app.settings_obj.cluster(name)
         except UnknownClusterError as err:
             return self.write_problem(err.code, str(err))
-        if self.limited(self.app.check_limiter, cluster.name):
+        if app.checks_running >= app.max_concurrent_checks:
+            self.set_header("Retry-After", "1")
+            return self.write_problem("checks_busy", f"{app.checks_running} cluster checks are already running "
+                                      "(the most allowed at once): try again when one has finished")
+        if self.limited(app.check_limiter, cluster.name):
             return None
+        app.checks_running += 1  # the bound: at most max_concurrent_checks threads of their own at once
         try:
-            result = await asyncio.to_thread(check_cluster, self.app, cluster.name)
+            result = await in_daemon_thread(check_cluster, app, cluster.name, name="kerb-jupyter-check")
         except KerbJupyterError as err:
             return self.write_problem(err.code, str(err))
+        except psycopg.Error as err:  # e.g. an option libpq does not know: an answer, not a 500
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            return self.write_problem("connect_failed", f"cannot connect to cluster {cluster.name!r}: {first}")
+        finally:
+            app.checks_running -= 1
         self.write_json(result)
         return None
 

@@ -8,26 +8,39 @@ Resolvers, tried in the configured order (first answer wins):
 - ``studio_space``: SageMaker Studio: the space in ``resource-metadata.json`` -> ``DescribeSpace`` owner
   profile -> ``DescribeUserProfile`` Identity Center user name (trusted: set by SageMaker);
 - ``notebook_tag``: a notebook instance's owner tag, read with ``ListTags`` (claimed: whoever may tag can change it);
-- ``sts``: ``GetCallerIdentity``; an IAM Identity Center role session (``AWSReservedSSO_*``) carries the user
-  name (trusted); SageMaker's own ``/SageMaker`` session names no human and is skipped.
+- ``sts``: ``GetCallerIdentity``; an IAM Identity Center role session carries the user name: trusted only when
+  the role name has the exact ``AWSReservedSSO_<permission set>_<16 hex digits>`` form and the account is listed
+  in ``identity.sso_accounts`` (``GetCallerIdentity`` does not show the role's path, so the name alone proves
+  nothing); SageMaker's own ``/SageMaker`` session names no human and is skipped.
 
 A resolver that does not apply returns None with a reason; one that applies but fails raises IdentityError.
+Names are taken as given, never normalised: plain ASCII letters, digits and ``. _ @ + = , -`` only, so no
+look-alike character (Kelvin sign, long s, dotless i...) can stand for another user's name.
+``identity.require_trusted_identity`` (true, false or "auto", the default: on when the platform gives an
+enforced source, i.e. ``JUPYTERHUB_USER`` is set or this is a Studio space) skips answers AWS does not enforce.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import IdentityError
+from .errors import ConfigError, IdentityError
 
 DEFAULT_ORDER = ("config", "jupyterhub", "studio_space", "notebook_tag", "sts")
 DEFAULT_METADATA = "/opt/ml/metadata/resource-metadata.json"
 MAX_NAME = 256
+SPEC_KEYS = {"order", "user", "region", "metadata_file", "owner_tag", "notebook_arn", "require_trusted_identity",
+             "sso_accounts"}
+# re.ASCII everywhere: without it \w, \d and IGNORECASE accept Unicode look-alikes of ASCII letters.
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+=,-]*", re.ASCII)
+_SSO_ROLE = re.compile(r"AWSReservedSSO_[A-Za-z0-9+=,.@_-]{1,32}_[0-9a-f]{16}", re.ASCII)
+_ACCOUNT = re.compile(r"[0-9]{12}", re.ASCII)
 
 ClientFactory = Callable[..., Any]
 
@@ -50,52 +63,106 @@ def _boto3_client(service: str, **kwargs: Any) -> Any:
     return boto3.client(service, **{k: v for k, v in kwargs.items() if v is not None})
 
 
-def _clean(value: Any, what: str) -> str:
-    """Identity names come from tags and APIs: refuse what no user name contains."""
-    if not isinstance(value, str) or not value.strip():
-        raise IdentityError(f"{what} is empty")
+def validate_name(value: Any, what: str) -> str:
+    """An identity name exactly as given: 1-256 characters of ASCII letters, digits and ``. _ @ + = , -``.
+
+    Refused, never normalised (NFKC would turn the Kelvin sign into K: the very look-alike an attacker wants).
+    Raises IdentityError (code ``bad_identity``)."""
+    if not isinstance(value, str) or not value:
+        raise IdentityError(f"{what} is empty", code="bad_identity")
     if len(value) > MAX_NAME:
-        raise IdentityError(f"{what} is {len(value)} characters long (at most {MAX_NAME})")
+        raise IdentityError(f"{what} is {len(value)} characters long (at most {MAX_NAME})", code="bad_identity")
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise IdentityError(f"{what} {value[:40]!r} contains control characters")
-    return value.strip()
+        raise IdentityError(f"{what} {value[:40]!r} contains control characters", code="bad_identity")
+    if not value.isascii():
+        raise IdentityError(f"{what} {value[:40]!a} contains non-ASCII characters: refused, since a look-alike "
+                            "letter could stand for another user's name", code="bad_identity")
+    if not _NAME_CHARS.fullmatch(value):
+        raise IdentityError(f"{what} {value[:40]!r} contains characters no user name has (allowed: ASCII letters, "
+                            "digits and . _ @ + = , - and no leading punctuation)", code="bad_identity")
+    return value
+
+
+def validate_spec(spec: Any) -> dict[str, Any]:
+    """Check the ``identity`` section's keys and value types. Raises ConfigError naming the key."""
+    if not isinstance(spec, dict):
+        raise ConfigError("'identity' must be an object")
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        raise ConfigError(f"identity: unknown key(s) {', '.join(map(str, unknown))}; allowed: "
+                          f"{', '.join(sorted(SPEC_KEYS))}")
+    order = spec.get("order", list(DEFAULT_ORDER))
+    if not isinstance(order, list) or not all(isinstance(r, str) for r in order):
+        raise ConfigError("identity.order must be a list of resolver names")
+    bad = [r for r in order if r not in DEFAULT_ORDER]
+    if bad:
+        raise ConfigError(f"identity.order: unknown resolver(s) {', '.join(bad)}; known: {', '.join(DEFAULT_ORDER)}")
+    for key in ("user", "region", "metadata_file", "owner_tag", "notebook_arn"):
+        if key in spec and not isinstance(spec[key], str):
+            raise ConfigError(f"identity.{key} must be a string")
+    if spec.get("require_trusted_identity", "auto") not in (True, False, "auto"):
+        raise ConfigError(f"identity.require_trusted_identity must be true, false or \"auto\", not "
+                          f"{spec['require_trusted_identity']!r:.40}")
+    accounts = spec.get("sso_accounts", [])
+    if not isinstance(accounts, list) or not all(isinstance(a, str) and _ACCOUNT.fullmatch(a) for a in accounts):
+        raise ConfigError("identity.sso_accounts must be a list of 12-digit AWS account ids (as strings)")
+    return spec
 
 
 class IdentityResolver:
     def __init__(self, spec: dict[str, Any], client_factory: ClientFactory | None = None) -> None:
-        order = spec.get("order", list(DEFAULT_ORDER))
-        unknown = [r for r in order if r not in DEFAULT_ORDER]
-        if unknown:
-            raise IdentityError(f"identity.order: unknown resolver(s) {', '.join(map(str, unknown))}; "
-                                f"known: {', '.join(DEFAULT_ORDER)}", code="config_error")
-        self.order: list[str] = list(order)
+        """Raises IdentityError (code ``config_error``) for a malformed ``identity`` section."""
+        try:
+            validate_spec(spec)
+        except ConfigError as err:
+            raise IdentityError(str(err), code="config_error") from None
+        self.order: list[str] = list(spec.get("order", DEFAULT_ORDER))
         self.spec = spec
         self.client = client_factory or _boto3_client
         self.region = spec.get("region")
+        self.sso_accounts = set(spec.get("sso_accounts", []))
+
+    def trusted_required(self) -> bool:
+        """``require_trusted_identity``: as set, or with "auto" on where the platform gives an enforced source."""
+        mode = self.spec.get("require_trusted_identity", "auto")
+        if mode != "auto":
+            return bool(mode)
+        if os.environ.get("JUPYTERHUB_USER"):
+            return True
+        meta = self._metadata()
+        return bool(meta and meta.get("SpaceName") and meta.get("DomainId"))
 
     def resolve(self) -> Identity:
-        """The first resolver's answer. Raises IdentityError listing every resolver tried and why."""
+        """The first resolver's answer (the first enforced one when ``require_trusted_identity`` is on).
+
+        Raises IdentityError listing every resolver tried and why."""
+        required = self.trusted_required()
         tried: list[str] = []
+        skipped = False
         for name in self.order:
             resolver: Callable[[], tuple[Identity | None, str]] = getattr(self, f"_{name}")
             found, reason = resolver()
-            if found is not None:
+            if found is not None and required and not found.trusted:
+                skipped = True
+                reason = f"{found.name!r} is claimed, not enforced by AWS, and require_trusted_identity is on"
+            elif found is not None:
                 return found
             tried.append(f"{name}: {reason}")
-        raise IdentityError("could not establish who the user is; tried " + "; ".join(tried))
+        raise IdentityError("could not establish who the user is; tried " + "; ".join(tried),
+                            code="untrusted_identity" if skipped else IdentityError.code)
 
     # -- resolvers: each returns (Identity | None, reason) ------------------------------------------
     def _config(self) -> tuple[Identity | None, str]:
         user = self.spec.get("user")
         if not user:
             return None, "identity.user is not set"
-        return Identity(_clean(user, "identity.user"), "config", trusted=False), ""
+        return Identity(validate_name(user, "identity.user"), "config", trusted=False), ""
 
     def _jupyterhub(self) -> tuple[Identity | None, str]:
         user = os.environ.get("JUPYTERHUB_USER")
         if not user:
             return None, "JUPYTERHUB_USER is not set"
-        return Identity(_clean(user, "JUPYTERHUB_USER"), "jupyterhub", trusted=True), ""
+        return Identity(validate_name(user, "JUPYTERHUB_USER"), "jupyterhub", trusted=True), ""
 
     def _metadata(self) -> dict[str, Any] | None:
         path = Path(self.spec.get("metadata_file", DEFAULT_METADATA))
@@ -124,7 +191,7 @@ class IdentityResolver:
         user = self._call(sm.describe_user_profile, "DescribeUserProfile", DomainId=domain, UserProfileName=profile)
         name = user.get("SingleSignOnUserValue") or profile
         arn = user.get("UserProfileArn") or desc.get("SpaceArn")
-        return Identity(_clean(name, "the space owner's user name"), "studio_space", trusted=True, arn=arn,
+        return Identity(validate_name(name, "the space owner's user name"), "studio_space", trusted=True, arn=arn,
                         detail=f"space {space}, profile {profile}"), ""
 
     def _notebook_tag(self) -> tuple[Identity | None, str]:
@@ -136,7 +203,7 @@ class IdentityResolver:
         resp = self._call(self._aws("sagemaker").list_tags, "ListTags", ResourceArn=str(arn))
         for tag in resp.get("Tags", []):
             if tag.get("Key") == key:
-                return Identity(_clean(tag.get("Value"), f"tag {key!r}"), "notebook_tag", trusted=False,
+                return Identity(validate_name(tag.get("Value"), f"tag {key!r}"), "notebook_tag", trusted=False,
                                 arn=str(arn), detail=f"tag {key}"), ""
         return None, f"the notebook instance has no {key!r} tag"
 
@@ -149,9 +216,14 @@ class IdentityResolver:
         role, session = parts[1], "/".join(parts[2:])
         if session == "SageMaker":
             return None, f"role {role} runs as SageMaker's own session, which names no person"
-        trusted = role.startswith("AWSReservedSSO_")
-        return Identity(_clean(session, "the role session name"), "sts", trusted=trusted, arn=arn,
-                        detail=f"role {role}"), ""
+        account = arn.split(":")[4] if arn.count(":") >= 5 else ""
+        sso_form = bool(_SSO_ROLE.fullmatch(role))
+        trusted = sso_form and account in self.sso_accounts
+        detail = f"role {role}"
+        if sso_form and not trusted:
+            detail += f" (an Identity Center role name, but account {account} is not in identity.sso_accounts)"
+        return Identity(validate_name(session, "the role session name"), "sts", trusted=trusted, arn=arn,
+                        detail=detail), ""
 
     # -- AWS plumbing ----------------------------------------------------------------------------
     def _aws(self, service: str) -> Any:

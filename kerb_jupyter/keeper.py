@@ -1,11 +1,13 @@
 """The ticket keeper: an asyncio task that keeps one principal's TGT valid in the shared FILE cache.
 
 Each ``step`` (run in a thread: Kerberos calls block) looks at the cache and decides: acquire from the
-source, renew, or nothing; then it says how long to sleep. Renewal happens at ``renew_fraction`` of the
-lifetime (with jitter) but always early enough for two more attempts before expiry. Failures retry
-with a capped exponential backoff starting at ``retry_interval``; rejected credentials (wrong password,
-disabled account, keytab for someone else) stop the retries so an AD account is never locked out.
-The snapshot is also written to ``state.json`` next to the cache, for kernels to read.
+source, renew, or nothing; then it says how long to sleep. Only a ticket that is still valid is renewed
+(Active Directory refuses to renew an expired one): an expired ticket is re-acquired from the source at once.
+Renewal happens at ``renew_fraction`` of the lifetime (with jitter) but always early enough for two more
+attempts before expiry. Failures retry on the schedule of ``pacing.retry_delay``; rejected credentials (wrong
+password, disabled account, keytab for someone else) stop the retries so an AD account is never locked out,
+and a manual renewal is then held for ``rejected_cooldown`` unless the credential source changes. Whatever
+goes wrong becomes an ``error`` state: the task never dies. The snapshot is also written to ``state.json``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import tickets
+from . import files, pacing, tickets
 from .errors import (
     CacheError,
     ConfigError,
@@ -30,13 +31,14 @@ from .errors import (
     KerbJupyterError,
     NoTicketError,
     SourceError,
+    TicketExpiredError,
 )
-from .sources import Source
+from .sources import SecretsManagerSource, Source
+from .threads import in_daemon_thread
 from .tickets import TicketInfo
 
-log = logging.getLogger(__name__)
-
 SKEW_WARNING = 60.0  # seconds between our clock and the KDC's before we say so
+MIT_RENEW_GRACE = 240.0  # MIT accepts renewing an expired ticket within its clock skew (300 s); AD never does
 
 
 @dataclass
@@ -57,6 +59,7 @@ class KeeperState:
     failures: int = 0
     cache: str | None = None
     clock_skew: float | None = None
+    granted: dict[str, int] | None = None  # broker source: service principal -> its ticket's end time
     updated_at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
@@ -80,8 +83,15 @@ class TicketKeeper:
         identity: dict[str, Any] | None = None,
         resolve: Callable[[], tuple[dict[str, Any], str]] | None = None,
         clock: Callable[[], float] = time.time,
+        log: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+        rejected_cooldown: float = 900.0,
     ) -> None:
-        """``principal`` may be None when ``resolve`` (identity -> principal) supplies it on the first step."""
+        """``principal`` may be None when ``resolve`` (identity -> principal) supplies it on the first step.
+
+        ``log``: where the keeper's lines go (the server extension passes its own logger, so they carry
+        Jupyter's time, level and name). ``rejected_cooldown``: seconds a manual renewal stays refused after
+        the KDC rejected the credentials, unless the credential source changes first.
+        """
         if principal is None and resolve is None:
             raise ValueError("either a principal or a resolve function is required")
         if not 0.1 <= renew_fraction <= 0.95:
@@ -98,25 +108,45 @@ class TicketKeeper:
         self.renew_life = renew_life
         self.clock = clock
         self.resolve = resolve
+        self.log = log if log is not None else logging.getLogger(__name__)
+        self.rejected_cooldown = rejected_cooldown
         self.state = KeeperState(principal=principal, identity=identity, source=source.describe(),
                                  cache=str(self.cache))
+        self.state.source = self._describe_source()
+        self._rejected: tuple[float, Any] | None = None  # (when, source stamp) of the last rejection
         self._task: asyncio.Task[None] | None = None
+        self._manual_delay: float | None = None
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
 
     # -- the decision, synchronous ----------------------------------------------------------------
     def step(self, force: bool = False) -> float:
-        """Bring the cache up to date once (``force``: renew even if not due); returns seconds to sleep."""
+        """Bring the cache up to date once (``force``: renew even if not due); returns seconds to sleep.
+
+        Never raises: whatever goes wrong, bad settings included, becomes a reported state."""
+        try:
+            return self._step(force)
+        except Exception as err:  # the keeper must never die; the traceback goes to the log
+            self.log.error("the ticket keeper hit an unexpected error", exc_info=True)
+            wrapped = KerbJupyterError(f"unexpected error in the ticket keeper: {type(err).__name__}: "
+                                       f"{str(err)[:200]}", code="internal_error")
+            return self._record_failure(wrapped, None, fatal=True)
+
+    def _step(self, force: bool) -> float:
         if self.principal is None:
             try:
                 self._resolve()
+            except ConfigError as err:
+                return self._record_failure(err, None, fatal=True)
             except IdentityError as err:
                 return self._record_failure(err, None, fatal=err.code != "aws_unreachable")
         now = self.clock()
         info = self._current()
         try:
-            if info is None or (info.expired(now) and not self._renewable(info, now)):
+            if info is None:
                 info = self._acquire("acquired")
+            elif info.expired(now):
+                info = self._after_expiry(info, now)
             elif force or now >= self._renew_at(info):
                 info = self._refresh(info, now)
             else:
@@ -127,7 +157,7 @@ class TicketKeeper:
             return self._record_failure(err, info, fatal=False)
         delay = max(self._renew_at(info) - self.clock(), 0.05)
         self.state.next_attempt = self.clock() + delay
-        self._save()
+        self._persist()
         return delay
 
     def _resolve(self) -> None:
@@ -135,8 +165,19 @@ class TicketKeeper:
         identity, principal = self.resolve()
         self.principal = self.state.principal = principal
         self.state.identity = identity
-        log.info("kerb_jupyter: identity %s (from %s, %s) maps to %s", identity.get("name"), identity.get("source"),
-                 "enforced by AWS" if identity.get("trusted") else "claimed", principal)
+        self.state.source = self._describe_source()
+        self.log.info("identity %s (from %s, %s) maps to %s", identity.get("name"), identity.get("source"),
+                      "enforced by AWS" if identity.get("trusted") else "claimed", principal)
+
+    def _describe_source(self) -> str:
+        """The source as used: a Secrets Manager template shows the secret id it names for this principal."""
+        text = self.source.describe()
+        if isinstance(self.source, SecretsManagerSource) and self.principal:
+            try:
+                text = text.replace(self.source.secret_id, self.source.secret_name(self.principal))
+            except ConfigError:
+                pass  # a bad template is reported when the secret is fetched
+        return text
 
     def _current(self) -> TicketInfo | None:
         try:
@@ -144,29 +185,52 @@ class TicketKeeper:
         except NoTicketError:
             return None
         except CacheError as err:
-            log.warning("kerb_jupyter: %s; replacing it with a fresh ticket", err)
+            self.log.warning("%s; replacing it with a fresh ticket", err)
             return None
-        return info if info.principal == self.principal else None
+        if info.principal != self.principal:
+            self.log.warning(
+                "the shared cache %s held a ticket for %s, not for %s (did someone run kinit into it?); "
+                "putting a ticket for %s back", self.cache, info.principal, self.principal, self.principal)
+            return None
+        return info
 
-    def _renewable(self, info: TicketInfo, now: float) -> bool:
-        # The KDC accepts a renewal up to its clock skew (5 min) after expiry, never after renew_till.
-        return info.renewable and info.renew_till > now and now - info.endtime < 240
+    def _after_expiry(self, info: TicketInfo, now: float) -> TicketInfo:
+        """An expired ticket: never renewed when the source can acquire (AD refuses: KRB5KDC_ERR_TKT_EXPIRED)."""
+        if self.source.can_acquire:
+            return self._acquire("reacquired")
+        if info.renewable and info.renew_till > now and now - info.endtime < MIT_RENEW_GRACE:
+            return self._renew(info)  # the last chance for a kinit cache: MIT accepts this within its skew
+        raise SourceError(
+            f"the ticket for {self.principal} expired at {_fmt(info.endtime)} and the {self.source.kind} "
+            "source cannot get a new one: run kinit again", code="ticket_expired")
 
     def _refresh(self, info: TicketInfo, now: float) -> TicketInfo:
+        """A ticket that is still valid: renew it, or re-acquire when renewal is impossible or nearly so."""
         life = max(info.endtime - info.starttime, 1)
         near_limit = info.renew_till - info.endtime < 0.5 * life
-        if self.source.can_acquire and (near_limit or not self._renewable(info, now)):
+        renewable = info.renewable and info.renew_till > now
+        if self.source.can_acquire and (near_limit or not renewable):
             return self._acquire("reacquired")
-        if self._renewable(info, now):
-            new = tickets.renew(self.cache)
-            self.state.renewals += 1
-            self._record_ok(new, "renewed")
-            log.info("kerb_jupyter: renewed the ticket for %s, valid until %s", self.principal, _fmt(new.endtime))
-            return new
+        if renewable:
+            return self._renew(info)
         raise SourceError(
             f"the ticket for {self.principal} cannot be renewed past {_fmt(info.renew_till)} and the "
             f"{self.source.kind} source cannot get a new one: run kinit again", code="renew_limit",
         )
+
+    def _renew(self, info: TicketInfo) -> TicketInfo:
+        try:
+            new = tickets.renew(self.cache)
+        except TicketExpiredError:
+            # The KDC says it has expired (its clock, or AD's rule): get a new one at once when we can.
+            if not self.source.can_acquire:
+                raise
+            self.log.info("the KDC refused to renew the ticket for %s as expired; getting a new one", self.principal)
+            return self._acquire("reacquired")
+        self.state.renewals += 1
+        self._record_ok(new, "renewed")
+        self.log.info("renewed the ticket for %s, valid until %s", self.principal, _fmt(new.endtime))
+        return new
 
     def _acquire(self, kind: str) -> TicketInfo:
         assert self.principal is not None  # resolved before any ticket work
@@ -176,11 +240,12 @@ class TicketKeeper:
         skew = info.starttime - before
         self.state.clock_skew = skew if abs(skew) > 1 else 0.0
         if abs(skew) > SKEW_WARNING:
-            log.warning("kerb_jupyter: this machine's clock differs from the KDC's by %.0f s; Kerberos "
-                        "fails beyond 300 s: check NTP", skew)
+            self.log.warning("this machine's clock differs from the KDC's by %.0f s; Kerberos fails beyond "
+                             "300 s: check NTP", skew)
+        self._rejected = None
         self._record_ok(info, kind)
-        log.info("kerb_jupyter: %s a ticket for %s from %s, valid until %s", kind, self.principal,
-                 self.source.describe(), _fmt(info.endtime))
+        self.log.info("%s a ticket for %s from %s, valid until %s", kind, self.principal, self._describe_source(),
+                      _fmt(info.endtime))
         return info
 
     def _renew_at(self, info: TicketInfo) -> float:
@@ -195,6 +260,7 @@ class TicketKeeper:
         s = self.state
         s.state, s.expires_at, s.renew_until = "valid", float(info.endtime), float(info.renew_till)
         s.consecutive_failures, s.last_error = 0, None
+        s.granted = dict(info.services) or None
         if kind:
             s.last_renewal, s.last_renewal_kind = self.clock(), kind
 
@@ -206,68 +272,123 @@ class TicketKeeper:
         s.last_error = {"code": code, "message": str(err) if isinstance(err, KerbJupyterError)
                         else f"{type(err).__name__}: {getattr(err, 'strerror', '') or 'I/O error'}",
                         "at": _fmt(self.clock())}
+        krb5_code = getattr(err, "krb5_code", None)
+        if krb5_code is not None:
+            s.last_error["krb5_code"] = str(krb5_code)
+        detail = f" (krb5 error {krb5_code})" if krb5_code is not None else ""
         now = self.clock()
         if info is not None:
             s.expires_at, s.renew_until = float(info.endtime), float(info.renew_till)
         expired = info is None or info.expired(now)
         if fatal:
             s.state, s.next_attempt = "error", None
-            log.error("kerb_jupyter: %s; not retrying until the configuration changes or a renewal is "
-                      "requested", err)
-            self._save()
+            if isinstance(err, CredentialsRejectedError):
+                self._rejected = (now, self._source_stamp())
+            self.log.error("%s%s; not retrying until the configuration changes or a renewal is requested",
+                           err, detail)
+            self._persist()
             return float("inf")
-        delay = float(min(self.retry_interval * 2 ** (s.consecutive_failures - 1), self.max_retry_interval))
-        if info is not None and not expired:
-            # Never sleep past the point where the remaining attempts would land after expiry.
-            delay = min(delay, max((info.endtime - now) / 3, 1.0))
-        delay *= 1 + random.uniform(0, self.jitter)
+        delay = self.retry_delay(s.consecutive_failures, None if expired or info is None else info.endtime - now)
         s.state = "expired" if expired else "retrying"
         s.next_attempt = now + delay
-        (log.error if expired else log.warning)("kerb_jupyter: %s; retrying in %.1f s", err, delay)
-        self._save()
+        (self.log.error if expired else self.log.warning)("%s%s; retrying in %.1f s", err, detail, delay)
+        self._persist()
         return delay
+
+    def retry_delay(self, failures: int, time_left: float | None) -> float:
+        """Seconds before retry number ``failures``; see ``pacing.retry_delay``."""
+        return pacing.retry_delay(failures, time_left, self.retry_interval, self.max_retry_interval, self.jitter)
+
+    # -- manual renewal after rejected credentials ------------------------------------------------
+    def _source_stamp(self) -> Any:
+        return pacing.source_stamp(self.source, self.principal)
+
+    def renewal_hold(self) -> float:
+        """Seconds a manual renewal stays refused after rejected credentials (0: go ahead). Blocks (AWS)."""
+        if self._rejected is None or (self.state.last_error or {}).get("code") != "credentials_rejected":
+            return 0.0
+        when, stamp = self._rejected
+        left = when + self.rejected_cooldown - self.clock()
+        if left <= 0 or (stamp is not None and self._source_stamp() != stamp):
+            return 0.0
+        return left
+
+    def _persist(self) -> None:
+        """Write state.json; a state directory that cannot be used is reported, never fatal to the keeper."""
+        try:
+            self._save()
+        except (KerbJupyterError, OSError) as err:
+            message = str(err) if isinstance(err, KerbJupyterError) else f"{err.strerror}: {err.filename}"
+            self.state.state, self.state.next_attempt = "error", None
+            self.state.last_error = {"code": getattr(err, "code", "os_error"), "message": message,
+                                     "at": _fmt(self.clock())}
+            self.log.error("cannot write the keeper's state file: %s", message)
 
     def _save(self) -> None:
         self.state.updated_at = self.clock()
         if self.state_file is None:
             return
-        tickets.ensure_private_dir(self.state_file.parent)
-        tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.state.as_dict(), f)
-        os.replace(tmp, self.state_file)
+        # A fresh 0600 file under an unpredictable name in the checked state directory, renamed into place.
+        # Raises; ``_persist`` reports a failure as the keeper's error state without stopping the keeper.
+        files.write_private(self.state_file, json.dumps(self.state.as_dict()).encode())
 
     # -- the loop -------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, delay: float | None = None) -> None:
+        """Run the loop; its first step at once, or after ``delay`` seconds (a step was just made)."""
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="kerb_jupyter keeper")
+            self._task = asyncio.get_running_loop().create_task(self._run(delay), name="kerb_jupyter keeper")
 
-    async def _run(self) -> None:
+    async def start_now(self) -> KeeperState:
+        """Make the first step here (one attempt, its outcome returned), then run the loop."""
+        async with self._lock:
+            delay = await in_daemon_thread(self.step, name="kerb-jupyter-keeper")
+        self.start(delay)
+        return self.state
+
+    async def _run(self, delay: float | None = None) -> None:
         while True:
-            async with self._lock:
-                delay = await asyncio.to_thread(self.step)
+            if delay is None:
+                async with self._lock:
+                    delay = await in_daemon_thread(self.step, name="kerb-jupyter-keeper")  # never raises
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=None if delay == float("inf") else delay)
-            except asyncio.TimeoutError:
-                pass
+            # Woken by renew_now, which just made an attempt: sleep as it decided, never a second attempt right
+            # away (after rejected credentials that would be a second AS request towards an AD lockout).
+            delay = self._manual_delay if await self._sleep(delay) else None
+
+    async def _sleep(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds or until woken (True). Not ``wait_for``: on Python < 3.12 it can swallow a
+        cancellation that arrives as the wake-up does, and stop() would then wait for ever."""
+        waiter = asyncio.ensure_future(self._wake.wait())
+        try:
+            done, _ = await asyncio.wait({waiter}, timeout=None if delay == float("inf") else delay)
+        finally:
+            waiter.cancel()
+        return bool(done)
 
     async def renew_now(self) -> KeeperState:
-        """Renew (or re-acquire) at once, also after a fatal error; returns the new state."""
+        """Renew (or re-acquire) at once, also after a fatal error; returns the new state.
+
+        After rejected credentials, check ``held()`` first: this method always makes its attempt."""
         async with self._lock:
-            await asyncio.to_thread(self.step, True)
+            self._manual_delay = await in_daemon_thread(self.step, True, name="kerb-jupyter-keeper")
         self._wake.set()
         return self.state
 
+    async def held(self) -> float:
+        """``renewal_hold()`` without blocking the event loop."""
+        async with self._lock:
+            return await in_daemon_thread(self.renewal_hold)
+
     async def stop(self) -> None:
+        """Cancel the task; never raises, whatever state the keeper (or its task) is in."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({task}, timeout=10)  # never hangs a shutdown, whatever the task does
+            if not task.done():
+                self.log.warning("the ticket keeper's task did not stop; leaving it")
+            elif not task.cancelled() and task.exception() is not None:  # stopping must succeed all the same
+                self.log.error("the ticket keeper's task had failed", exc_info=task.exception())
         self.state.state = "stopped" if self.state.state != "error" else self.state.state
         self.state.next_attempt = None
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import functools
 import html
+import math
 import os
 import threading
 import time
 from collections import ChainMap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
@@ -32,7 +33,7 @@ from IPython.core.magic import (
     no_var_expand,
 )
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Float, Int
+from traitlets import Bool, Enum, Float, Int
 
 from . import audit, db
 from .config import Settings, default_config_path, load_settings
@@ -40,6 +41,18 @@ from .errors import KerbJupyterError
 from .query import ConnectionLost, QueryOptions, run_sql
 from .results import ResultSet
 from .tagging import build_comment
+
+
+def parse_timeout(text: str) -> float:
+    """``--timeout``: a finite number of seconds >= 0.001 (PostgreSQL counts milliseconds; 0 would mean none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--timeout must be a number of seconds, not {text!r:.40}") from None
+    if not math.isfinite(value) or value < 0.001:
+        raise argparse.ArgumentTypeError(f"--timeout must be a finite number of seconds, at least 0.001 (1 ms), "
+                                         f"not {text!r:.40}")
+    return value
 
 
 @magics_class
@@ -52,6 +65,8 @@ class KerbSqlMagics(Magics):
         1.0, config=True,
         help="Seconds after which a running query shows a 'running for N s' line (0 turns it off). Default 1.",
     )
+    dtype_backend = Enum(["numpy", "pyarrow"], "numpy", config=True, help="dtypes of --dataframe results: "
+                         "'numpy' (pandas' classic dtypes) or 'pyarrow' (pd.ArrowDtype). Default 'numpy'.")
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -102,8 +117,12 @@ class KerbSqlMagics(Magics):
     @argument("cluster", nargs="?", help="name of a configured cluster")
     @argument("-o", "--out", metavar="VAR", help="store the result (all rows) in this variable")
     @argument("--limit", type=int, metavar="N", help="fetch at most N rows")
-    @argument("--timeout", type=float, metavar="SECONDS", help="statement_timeout for this cell")
+    @argument("--timeout", type=parse_timeout, metavar="SECONDS",
+              help="statement_timeout for this cell (finite, at least 0.001 s)")
     @argument("--dataframe", action="store_true", help="return a pandas DataFrame (all rows)")
+    @argument("--arrow", action="store_true", help="return a pyarrow.Table (all rows)")
+    @argument("--polars", action="store_true", help="return a polars DataFrame (all rows)")
+    @argument("--to", metavar="PATH", help="stream the result into a .parquet, .csv or .arrow file")
     @argument("--quiet", action="store_true", help="show nothing (use with -o)")
     @argument("--list", action="store_true", help="list the configured clusters")
     @needs_local_scope
@@ -131,6 +150,9 @@ class KerbSqlMagics(Magics):
             raise UsageError(f"no SQL given: put the query in the cell below %%kerbsql {args.cluster}")
         if args.limit is not None and args.limit < 0:
             raise UsageError("--limit must be 0 or more")
+        output = "arrow" if args.arrow else "polars" if args.polars else "pandas" if args.dataframe else None
+        if output or args.to:
+            return self._kerbsql_copy(args, sql, ChainMap(local_ns, self.shell.user_ns if self.shell else {}), output)
         fetch_all = bool(args.out or args.dataframe)
         limit = args.limit if args.limit is not None else (None if fetch_all else self.display_limit)
         namespace = ChainMap(local_ns, self.shell.user_ns if self.shell else {})  # no copy of user_ns
@@ -162,7 +184,51 @@ class KerbSqlMagics(Magics):
         except KerbJupyterError as err:
             raise UsageError(str(err)) from None
 
-    def _run(self, cluster: str, sql: str, namespace: Mapping[str, Any], opts: QueryOptions) -> list[ResultSet]:
+    def _kerbsql_copy(self, args: Any, sql: str, namespace: Mapping[str, Any], output: str | None) -> Any:
+        """One statement streams through COPY into Arrow (arrow.py); others take the usual path, then convert."""
+        try:
+            from . import arrow, export
+        except ImportError:  # pyarrow is in the pandas/arrow/polars extras; without it --dataframe goes row by row
+            if output == "pandas" and not args.to:
+                results = self._run(args.cluster, sql, namespace, QueryOptions(args.limit, args.timeout))
+                return self._deliver(args, results[-1].to_pandas() if results[-1].has_rows else results[-1],
+                                     results[:-1])
+            raise UsageError("--dataframe, --arrow, --polars and --to need pyarrow: "
+                             "pip install 'kerb_jupyter[pandas]'") from None
+        if args.to and output:
+            raise UsageError("--to writes a file: use it without --dataframe, --arrow or --polars")
+        opts = QueryOptions(args.limit, args.timeout)
+        if args.limit is not None or arrow.copy_step(sql) is None:
+            if args.to:
+                raise UsageError("--to needs one SELECT/WITH/VALUES/TABLE statement (or DML with RETURNING) "
+                                 "and no --limit")
+            results = self._run(args.cluster, sql, namespace, opts)
+            return self._deliver(args, arrow.result_output(results[-1], output or "", self.dtype_backend), results[:-1])
+        live = export.live_line() if getattr(self.shell, "kernel", None) is not None else None
+        consumer: Any = export.Exporter(args.to, live) if args.to else arrow.Collector()
+        results = self._run(args.cluster, sql, namespace, opts, functools.partial(arrow.run_copy, consumer=consumer))
+        for note in consumer.notes:
+            print(f"kerbsql: {note}")
+        if results[-1].status == "CANCELLED":
+            return results[-1]
+        if args.to:
+            print(f"kerbsql: {consumer.summary()}")
+            results[-1].columns = []  # shown as its status line ("COPY n"), not as an empty table
+            return self._deliver(args, results[-1], [])
+        return self._deliver(args, arrow.to_output(consumer.table, output or "", self.dtype_backend), [])
+
+    def _deliver(self, args: Any, value: Any, earlier: list[ResultSet]) -> Any:
+        if args.out and self.shell is not None:
+            self.shell.user_ns[args.out] = value
+        if not args.quiet and self.shell is not None:
+            from IPython.display import display
+
+            for result in earlier:
+                display(result)
+        return None if args.quiet else value
+
+    def _run(self, cluster: str, sql: str, namespace: Mapping[str, Any], opts: QueryOptions,
+             runner: Callable[..., list[ResultSet]] = run_sql) -> list[ResultSet]:
         self.settings.cluster(cluster)  # UnknownClusterError before anything else
         for attempt in (1, 2):
             conn = self.session.connection(cluster)
@@ -174,7 +240,7 @@ class KerbSqlMagics(Magics):
                 in_kernel = getattr(self.shell, "kernel", None) is not None
                 self._progress.after = self.progress_after if in_kernel else 0
                 with self._progress.running(cluster):
-                    return run_sql(conn, sql, namespace, opts, cluster)
+                    return runner(conn, sql, namespace, opts, cluster)
             except ConnectionLost as err:
                 self.session.discard(cluster)
                 if attempt == 2 or err.statements_done:
@@ -214,8 +280,8 @@ class KerbSqlMagics(Magics):
         if not self.settings.cluster(cluster).tagging:
             return ""
         identity = (db.keeper_state(self.settings) or {}).get("identity") or {}
-        return _tag_comment(principal, identity.get("arn") or identity.get("name"),
-                            os.environ.get("JPY_SESSION_NAME"))
+        notebook = _notebook_path(os.environ.get("JPY_SESSION_NAME"), os.environ.get("KERB_JUPYTER_ROOT_DIR"))
+        return _tag_comment(principal, identity.get("arn") or identity.get("name"), notebook)
 
     def _list(self) -> ResultSet:
         from .results import Column
@@ -297,6 +363,25 @@ def _tag_comment(principal: str, aws_identity: str | None, notebook: str | None)
                           "notebook": notebook, "kernel": _kernel_id()})
 
 
+@functools.lru_cache(maxsize=16)
+def _notebook_path(session_name: str | None, root_dir: str | None) -> str | None:
+    """The notebook's path relative to the server's root_dir, never the server's own file-system path.
+
+    Jupyter gives kernels ``JPY_SESSION_NAME`` as an absolute path; the kerb_jupyter server extension exports
+    its root_dir as ``KERB_JUPYTER_ROOT_DIR``. A path outside the root (or an unknown root) gives only the
+    file name; no session name (a kernel without a notebook) gives nothing."""
+    if not session_name:
+        return None
+    if not os.path.isabs(session_name):
+        return session_name.replace(os.sep, "/")
+    if root_dir and os.path.isabs(root_dir):
+        for name, root in ((session_name, root_dir), (os.path.realpath(session_name), os.path.realpath(root_dir))):
+            rel = os.path.relpath(name, root)
+            if rel != ".." and not rel.startswith(".." + os.sep):
+                return rel.replace(os.sep, "/")
+    return os.path.basename(session_name) or None
+
+
 @functools.cache
 def _kernel_id() -> str | None:
     try:
@@ -310,8 +395,9 @@ def _kernel_id() -> str | None:
     return name.removeprefix("kernel-").removesuffix(".json")
 
 
-_VALUE_OPTIONS = {"-o", "--out", "--limit", "--timeout"}
-_PLAIN = {"out": None, "limit": None, "timeout": None, "dataframe": False, "quiet": False, "list": False}
+_VALUE_OPTIONS = {"-o", "--out", "--limit", "--timeout", "--to"}
+_PLAIN = {"out": None, "limit": None, "timeout": None, "dataframe": False, "quiet": False, "list": False,
+          "arrow": False, "polars": False, "to": None}
 
 
 def _parse(magic: Any, options: str) -> Any:

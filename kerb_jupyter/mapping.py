@@ -9,18 +9,38 @@
 Template fields: ``{name}`` (the whole identity), ``{local}`` and ``{domain}`` (around its last ``@``), and a
 regex rule's named groups. The realm always comes out upper-case; the user part may not contain ``/`` (no
 service principals from user input), ``@``, whitespace, quotes or control characters.
+
+One identity, one principal: the identity must be plain ASCII as given (``identity.validate_name``), table keys
+and results too; tables compare exactly or, with ``case_insensitive`` (the default), after ASCII-only case
+folding; regexes are compiled with ``re.ASCII`` (so ``\\w`` and ``(?i)`` match no look-alike letters); ``case``
+and the realm upper-casing change ASCII letters only. Nothing is normalised: a Kelvin sign is refused, not
+read as ``k``.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from typing import Any
 
 from .errors import ConfigError, IdentityError
+from .identity import validate_name
 
-_USER_PART = re.compile(r"^[^\s@/\\\"'`;:,()<>\[\]{}*?]{1,104}$")
-_REALM = re.compile(r"^[A-Z0-9][A-Z0-9.-]{0,253}$")
+_USER_PART = re.compile(r"^[^\s@/\\\"'`;:,()<>\[\]{}*?]{1,104}$", re.ASCII)
+_REALM = re.compile(r"^[A-Z0-9][A-Z0-9.-]{0,253}$", re.ASCII)
+_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+
+
+def ascii_lower(value: str) -> str:
+    """Lower-case A-Z only: ``str.lower`` would also turn the Kelvin sign into ``k``."""
+    return value.translate(_LOWER)
+
+
+def ascii_upper(value: str) -> str:
+    """Upper-case a-z only: ``str.upper`` would also turn a dotless i into ``I`` and long s into ``S``."""
+    return value.translate(_UPPER)
 
 
 def _fields(name: str) -> dict[str, str]:
@@ -36,23 +56,24 @@ def _format(template: str, values: dict[str, str], rule_no: int) -> str:
 
 
 def _case(value: str, case: str) -> str:
-    return {"lower": value.lower(), "upper": value.upper()}.get(case, value)
+    return {"lower": ascii_lower, "upper": ascii_upper}.get(case, str)(value)
 
 
 def _apply(rule: dict[str, Any], name: str, no: int) -> str | None:
     if "table" in rule:
         table = rule["table"]
-        if not isinstance(table, dict):
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
             raise ConfigError(f"mapping rule {no}: 'table' must be an object of identity -> principal")
+        odd = next((k for k in table if not (isinstance(k, str) and k.isascii())), None)
+        if odd is not None:
+            raise ConfigError(f"mapping rule {no}: table key {odd!a:.60} is not plain ASCII")
         hit = table.get(name)
         if hit is None and rule.get("case_insensitive", True):
-            hit = next((v for k, v in table.items() if str(k).lower() == name.lower()), None)
-        return None if hit is None else str(hit)
+            folded = ascii_lower(name)
+            hit = next((v for k, v in table.items() if ascii_lower(k) == folded), None)
+        return hit
     if "regex" in rule:
-        try:
-            m = re.fullmatch(rule["regex"], name)
-        except re.error as err:
-            raise ConfigError(f"mapping rule {no}: bad regex {rule['regex']!r}: {err}") from None
+        m = _regex(rule["regex"], no).fullmatch(name)
         if not m:
             return None
         values = {**_fields(name), **{k: v or "" for k, v in m.groupdict().items()}}
@@ -61,10 +82,26 @@ def _apply(rule: dict[str, Any], name: str, no: int) -> str | None:
     if "template" in rule:
         fields = _fields(name)
         wanted = rule.get("domain")
-        if wanted is not None and fields["domain"].lower() != str(wanted).lower():
+        if wanted is not None and (not isinstance(wanted, str) or not wanted.isascii()):
+            raise ConfigError(f"mapping rule {no}: 'domain' must be a plain ASCII string")
+        if wanted is not None and ascii_lower(fields["domain"]) != ascii_lower(wanted):
             return None
         return _format(str(rule["template"]), {k: _case(v, rule.get("case", "keep")) for k, v in fields.items()}, no)
     raise ConfigError(f"mapping rule {no} has none of 'table', 'regex', 'template'")
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.ASCII)
+
+
+def _regex(pattern: Any, no: int) -> re.Pattern[str]:
+    if not isinstance(pattern, str):
+        raise ConfigError(f"mapping rule {no}: 'regex' must be a string")
+    try:
+        return _compiled(pattern)
+    except (re.error, ValueError) as err:  # ValueError: an inline (?u) against re.ASCII
+        raise ConfigError(f"mapping rule {no}: bad regex {pattern!r}: {err}") from None
 
 
 def _describe(rule: dict[str, Any]) -> str:
@@ -78,6 +115,7 @@ def _describe(rule: dict[str, Any]) -> str:
 def map_identity(name: str, spec: dict[str, Any]) -> str:
     """The principal for identity ``name``. Raises IdentityError when no rule matches or the result is
     not a safe user principal, ConfigError for malformed rules."""
+    validate_name(name, "the identity")  # plain ASCII as given: no look-alike reaches any rule
     rules = spec.get("rules", [])
     if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
         raise ConfigError("mapping.rules must be a list of rule objects")
@@ -92,10 +130,11 @@ def map_identity(name: str, spec: dict[str, Any]) -> str:
 
 
 def normalise_principal(value: str, what: str) -> str:
-    """``user@REALM`` with the realm upper-cased; raises IdentityError for anything else."""
+    """``user@REALM`` with the realm upper-cased (ASCII letters only); raises IdentityError for anything else,
+    including any non-ASCII character (refused, not normalised)."""
     user, sep, realm = value.rpartition("@")
-    realm = realm.upper()
-    if not sep or not _USER_PART.match(user) or not _REALM.match(realm) or any(ord(c) > 126 for c in user):
-        raise IdentityError(f"{what} {value[:80]!r}, which is not a valid user principal (user@REALM)",
+    if not value.isascii() or not sep or not _USER_PART.match(user) or not _REALM.match(ascii_upper(realm)) \
+            or any(ord(c) < 33 or ord(c) > 126 for c in user):
+        raise IdentityError(f"{what} {value[:80]!a}, which is not a valid plain-ASCII user principal (user@REALM)",
                             code="bad_principal")
-    return f"{user}@{realm}"
+    return f"{user}@{ascii_upper(realm)}"

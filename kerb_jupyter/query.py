@@ -14,9 +14,10 @@ from typing import Any, cast
 import psycopg
 from psycopg import sql as pgsql
 
+from . import pgtypes
 from .errors import ConfigError, DatabaseError
 from .results import Column, ResultSet
-from .sqlparse import bind_names, code_words, first_keyword, split_statements
+from .sqlparse import bind_names, code_words, first_keyword, refuse_nul_values, split_statements
 from .tagging import tag_statement
 
 CURSOR_NAME = "kerbsql"
@@ -56,6 +57,7 @@ def run_sql(
     if not plan:
         raise ConfigError("the cell has no SQL statement to run")
     prepared = [_bind(step, namespace) for step in plan]  # all names checked before anything runs
+    pgtypes.prepare(conn, opts.comment)
     results: list[ResultSet] = []
     if opts.timeout:
         conn.execute(pgsql.SQL("SET statement_timeout = {}").format(int(opts.timeout * 1000)))
@@ -120,7 +122,9 @@ def _bind(step: Step, namespace: Mapping[str, Any]) -> dict[str, Any] | None:
         raise ConfigError(
             f"the query uses :{missing[0]} but there is no variable named {missing[0]!r} in the notebook"
         )
-    return {n: namespace[n] for n in step.names}
+    values = {n: namespace[n] for n in step.names}
+    refuse_nul_values(values)  # libpq/PostgreSQL text cannot hold NUL: refuse before anything is sent
+    return values
 
 
 def _run_one(
@@ -151,18 +155,32 @@ def _run_one(
 def _fetch_at_once(
     conn: psycopg.Connection[Any], sql: str, params: dict[str, Any] | None, limit: int | None, result: ResultSet
 ) -> None:
-    with conn.cursor(binary=True) as cur:
+    with conn.cursor() as cur:
         cur.execute(sql, params, prepare=False)
         if cur.description is not None:
-            result.columns = _columns(conn, cur.description)
-            if limit is None:
-                result.rows = cur.fetchall()
-            else:
-                rows = cur.fetchmany(limit + 1)
-                result.truncated = len(rows) > limit
-                result.rows = rows[:limit]
+            result.columns = _columns(conn, cur)
+            stop = cur.pgresult.ntuples if cur.pgresult is not None else 0
+            if limit is not None:
+                stop = min(stop, limit + 1)
+            rows = _load_rows(conn, cur, stop)
+            result.truncated = limit is not None and len(rows) > limit
+            result.rows = rows[:limit] if limit is not None else rows
         result.rowcount = cur.rowcount
         result.status = cur.statusmessage or ""
+
+
+LOAD_CHUNK = 10_000
+
+
+def _load_rows(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], stop: int) -> list[tuple[Any, ...]]:
+    """The first ``stop`` rows of the cursor's result, with psycopg's C loaders; a chunk holding a value
+    Python cannot hold (``infinity``, a BC date) is loaded again keeping that value's text."""
+    rows: list[tuple[Any, ...]] = []
+    result = cur.pgresult
+    for start in range(0, stop, LOAD_CHUNK):
+        assert result is not None
+        rows.extend(pgtypes.load_rows(conn, result, start, min(start + LOAD_CHUNK, stop)))
+    return rows
 
 
 def _fetch_streaming(
@@ -173,19 +191,22 @@ def _fetch_streaming(
     One round trip for small results, bounded memory for huge ones, and the tagged statement is what
     pg_stat_activity shows. Outside a transaction only: a cancel inside one would abort it.
     """
-    with conn.cursor(binary=True) as cur:
+    described: list[tuple[str, int, int]] = []
+    with conn.cursor() as cur:
         rows: list[tuple[Any, ...]] = []
         stream = cast(Generator[Any, None, None], cur.stream(sql, params, size=min(limit + 1, 1000)))
         try:
             for row in stream:
                 if not rows:
-                    result.columns = _columns(conn, cur.description)
+                    described = _raw_columns(cur)
                 rows.append(row)
                 if len(rows) > limit:
                     break
         finally:
             stream.close()  # cancels the rest on the server, if any
-    if not rows:
+    if rows:
+        result.columns = _named(conn, described)  # after the stream: the name lookup is a query
+    else:
         # psycopg's stream() drops the description of an empty result: ask the server for it (no execution).
         result.columns = _describe(conn, sql, params)
     result.truncated = len(rows) > limit
@@ -209,8 +230,8 @@ def _describe(conn: psycopg.Connection[Any], sql: str, params: dict[str, Any] | 
     res = pgconn.describe_prepared(b"")
     if res.status != psycopg.pq.ExecStatus.COMMAND_OK:
         return []
-    return [Column((res.fname(i) or b"?").decode(encoding), _type_name(conn, res.ftype(i)))
-            for i in range(res.nfields)]
+    return _named(conn, [((res.fname(i) or b"?").decode(encoding), res.ftype(i), res.fmod(i))
+                         for i in range(res.nfields)])
 
 
 def _fetch_through_server_cursor(
@@ -222,12 +243,12 @@ def _fetch_through_server_cursor(
         conn.execute("BEGIN")
     ok = False
     try:
-        with conn.cursor(name=CURSOR_NAME, binary=True) as cur:
+        with conn.cursor(name=CURSOR_NAME) as cur:
             cur.itersize = limit + 1
             cur.execute(sql, params)
             assert cur.description is not None
-            result.columns = _columns(conn, cur.description)
             rows = cur.fetchmany(limit + 1)
+            result.columns = _columns(conn, cur)
         result.truncated = len(rows) > limit
         result.rows = rows[:limit]
         result.rowcount = len(result.rows)
@@ -247,13 +268,20 @@ def cursor_safe(statement: str) -> bool:
     return not words & {"INTO", "INSERT", "UPDATE", "DELETE", "MERGE"}
 
 
-def _columns(conn: psycopg.Connection[Any], description: Any) -> list[Column]:
-    return [Column(d.name, _type_name(conn, d.type_code)) for d in description or ()]
+def _raw_columns(cur: psycopg.Cursor[Any]) -> list[tuple[str, int, int]]:
+    """(name, type OID, type modifier) of each column of the cursor's current result."""
+    res = cur.pgresult
+    return [(d.name, d.type_code, res.fmod(i) if res is not None else -1)
+            for i, d in enumerate(cur.description or ())]
 
 
-def _type_name(conn: psycopg.Connection[Any], oid: int) -> str:
-    info = conn.adapters.types.get(oid)
-    return info.name if info is not None else str(oid)
+def _named(conn: psycopg.Connection[Any], described: list[tuple[str, int, int]]) -> list[Column]:
+    names = pgtypes.column_type_names(conn, [(oid, mod) for _, oid, mod in described])
+    return [Column(n, t, oid, mod) for (n, oid, mod), t in zip(described, names)]
+
+
+def _columns(conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any]) -> list[Column]:
+    return _named(conn, _raw_columns(cur))
 
 
 def format_db_error(err: psycopg.Error, statement: str | None = None) -> DatabaseError:

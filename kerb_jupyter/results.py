@@ -6,11 +6,17 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
+from .pgtext import cell_text, pandas_column
+
 
 @dataclass
 class Column:
+    """A result column: its name, its type as psql names it (``numeric(12,2)``), the type's OID and modifier."""
+
     name: str
     type_name: str
+    oid: int = 0
+    typmod: int = -1
 
 
 @dataclass
@@ -31,9 +37,13 @@ class ResultSet:
         return bool(self.columns)
 
     def to_pandas(self) -> Any:
+        """A DataFrame with one column per result column; dtypes as in the README (integers stay exact)."""
         import pandas as pd
 
-        return pd.DataFrame.from_records(self.rows, columns=[c.name for c in self.columns])
+        frame = pd.DataFrame({i: pandas_column([r[i] for r in self.rows], c.oid)
+                              for i, c in enumerate(self.columns)})
+        frame.columns = [c.name for c in self.columns]  # by position: SELECT 1 AS a, 2 AS a keeps both
+        return frame
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -62,7 +72,8 @@ class ResultSet:
         if not self.has_rows:
             return self.summary()
         names = [c.name for c in self.columns]
-        cells = [[_text(v) for v in row] for row in self.rows]
+        oids = [c.oid for c in self.columns]
+        cells = [[_text(v, o) for v, o in zip(row, oids)] for row in self.rows]
         widths = [max([len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
         line = " | ".join(n.ljust(w) for n, w in zip(names, widths))
         sep = "-+-".join("-" * w for w in widths)
@@ -81,15 +92,16 @@ class ResultSet:
             f"<br><small>{html.escape(c.type_name)}</small></th>"
             for c in self.columns
         )
+        oids = [c.oid for c in self.columns]
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_text(v))}</td>" for v in row) + "</tr>" for row in self.rows
+            "<tr>" + "".join(f"<td>{html.escape(_text(v, o))}</td>" for v, o in zip(row, oids)) + "</tr>"
+            for row in self.rows
         )
         return (f"<table class='kerbsql'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
                 f"<div class='kerbsql-footer'><small>{html.escape(self.footer())}</small></div>")
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    text = str(value)
+def _text(value: Any, oid: int) -> str:
+    """A cell as psql prints it, cut at 200 characters for display."""
+    text = cell_text(value, oid)
     return text if len(text) <= 200 else text[:199] + "…"

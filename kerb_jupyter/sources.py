@@ -2,8 +2,8 @@
 user made with kinit (then we can only renew it).
 
 Each source turns into one call of ``tickets.acquire_*``. Secret material is held in local variables for
-the duration of that call only; a keytab fetched from Secrets Manager is written 0600 to a private
-temporary file next to the cache (libkrb5 reads keytabs from files) and removed right after.
+the duration of that call only; a keytab fetched from Secrets Manager goes into an in-process ``MEMORY:``
+keytab, never to disk, and no log record of the AWS libraries is emitted while a secret is being fetched.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import base64
 import binascii
 import logging
 import os
-import shutil
 import string
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import tickets
-from .errors import ConfigError, CredentialsRejectedError, KdcUnreachableError, SourceError
+from . import files, tickets
+from .errors import CacheError, ConfigError, CredentialsRejectedError, KdcUnreachableError, SourceError
 from .tickets import TicketInfo
 
 ClientFactory = Callable[..., Any]
@@ -63,11 +63,14 @@ class ExistingCacheSource:
         info = tickets.read_cache(self.cache)  # raises NoTicket/Expired/CacheError
         if info.principal != principal:
             raise SourceError(f"the cache {self.cache} holds a ticket for {info.principal}, not {principal}")
-        tickets.ensure_private_dir(cache.parent)
-        tmp = cache.with_name(f".{cache.name}.copy")
-        shutil.copyfile(self.cache, tmp)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, cache)
+        try:
+            data = self.cache.read_bytes()
+        except OSError as err:
+            raise SourceError(f"cannot read the cache {self.cache}: {err.strerror}") from None
+        try:
+            files.write_private(cache, data, "credential directory")  # fresh 0600 file, renamed into place
+        except OSError as err:
+            raise CacheError(f"could not write the credential cache {cache}: {err.strerror}") from None
         self.can_acquire = False
         return tickets.read_cache(cache)
 
@@ -100,21 +103,16 @@ class SecretsManagerSource:
                               "use {user}, {principal} or {realm}") from None
 
     def acquire(self, principal: str, cache: Path, lifetime: int | None, renew_life: int | None) -> TicketInfo:
+        directory = tickets.ensure_private_dir(cache.parent)  # checked before any secret is fetched
+        # Earlier versions wrote the keytab to .keytab.<pid>; a process killed meanwhile left it behind.
+        files.remove_leftovers(directory, ".keytab.")
         name = self.secret_name(principal)
         secret = self._fetch(name)
         if self.secret_kind == "password":
             password = secret if isinstance(secret, bytes) else secret.encode()
             return tickets.acquire_with_password(principal, password, cache, lifetime, renew_life)
         keytab = secret if isinstance(secret, bytes) else _b64(secret, name)
-        tickets.ensure_private_dir(cache.parent)
-        path = cache.with_name(f".keytab.{os.getpid()}")
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(keytab)
-            return tickets.acquire_with_keytab(principal, path, cache, lifetime, renew_life)
-        finally:
-            path.unlink(missing_ok=True)
+        return tickets.acquire_with_keytab_data(principal, keytab, cache, lifetime, renew_life)  # never on disk
 
     def _fetch(self, name: str) -> bytes | str:
         import botocore.exceptions
@@ -123,6 +121,7 @@ class SecretsManagerSource:
         try:
             with quiet_aws_debug_logs():
                 client = factory("secretsmanager", region_name=self.region)
+                _guard_aws_loggers()  # loggers of modules the client imported just now
                 resp = client.get_secret_value(SecretId=name)
         except botocore.exceptions.ClientError as err:
             code = err.response.get("Error", {}).get("Code", "ClientError")
@@ -140,20 +139,45 @@ class SecretsManagerSource:
         return f"Secrets Manager {self.secret_kind} {self.secret_id}"
 
 
+_AWS_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer")
+_fetching = threading.local()
+
+
+class _SecretFetchFilter(logging.Filter):
+    """Drops every record the AWS libraries emit in a thread that is fetching a secret."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_fetching, "active", False)
+
+
+_FILTER = _SecretFetchFilter()
+
+
+def _guard_aws_loggers() -> None:
+    # A logger's filters only see records created on that very logger, so the filter goes on every AWS logger
+    # (botocore.parsers logs whole response bodies at DEBUG). Loggers created later are caught on the next call,
+    # and the client is made inside the guarded block after this runs.
+    import botocore.endpoint
+    import botocore.parsers  # noqa: F401  (their loggers must exist before we walk the registry)
+
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in _AWS_LOGGERS]
+    for name in [*_AWS_LOGGERS, *names]:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+
+
 @contextmanager
 def quiet_aws_debug_logs() -> Iterator[None]:
-    """botocore logs whole response bodies at DEBUG, secret values included: while a secret is fetched, its
-    loggers (and the HTTP layer's) say nothing below INFO, whatever the server's log level."""
-    loggers = [logging.getLogger(n) for n in ("botocore", "boto3", "urllib3", "s3transfer")]
-    saved = [lg.level for lg in loggers]
-    for lg in loggers:
-        if lg.getEffectiveLevel() < logging.INFO:
-            lg.setLevel(logging.INFO)
+    """While a secret is fetched, this thread's AWS library loggers (botocore, boto3, urllib3) say nothing at any
+    level: botocore logs response bodies, secret values included, at DEBUG. Other threads are unaffected and no
+    logger level is changed."""
+    _guard_aws_loggers()
+    _fetching.active = True
     try:
         yield
     finally:
-        for lg, level in zip(loggers, saved):
-            lg.setLevel(level)
+        _fetching.active = False
 
 
 def _b64(text: str, name: str) -> bytes:
@@ -188,5 +212,10 @@ def build_source(spec: dict[str, Any], client_factory: ClientFactory | None = No
             secret_id=str(spec["secret_id"]), secret_kind=kind.rsplit("_", 1)[1],
             region=spec.get("region"), client_factory=client_factory,
         )
-    allowed = "keytab, existing_cache, secretsmanager_keytab, secretsmanager_password"
-    raise ConfigError(f"source.type {kind!r:.40} is not one of: {allowed}")
+    if kind == "broker":
+        from .brokersource import build_broker_source
+
+        return build_broker_source(spec)
+    from .checks import SOURCE_TYPES
+
+    raise ConfigError(f"source.type {kind!r:.40} is not one of: {', '.join(SOURCE_TYPES)}")

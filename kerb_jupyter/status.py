@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from . import db, tickets
@@ -74,8 +75,13 @@ def credential_status(settings: Settings) -> CredentialStatus:
     return CredentialStatus(cache, ticket, db.keeper_state(settings), error)
 
 
-def _clock(ts: float | None) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "—"
+def _clock(ts: float | None, now: float | None = None) -> str:
+    """A moment in the user's time zone, named; with its date unless it is today."""
+    if not ts:
+        return "—"
+    when = datetime.fromtimestamp(ts).astimezone()
+    today = datetime.fromtimestamp(time.time() if now is None else now).astimezone().date()
+    return when.strftime("%H:%M:%S %Z" if when.date() == today else "%Y-%m-%d %H:%M:%S %Z")
 
 
 def _duration(seconds: float) -> str:

@@ -9,7 +9,10 @@ thread. Errors are translated into the kerb_jupyter tree; messages never carry k
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import stat
+import struct
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any
 
 import krb5
 
+from . import files
 from .errors import (
     CacheError,
     CredentialsRejectedError,
@@ -44,7 +48,11 @@ SKEW = -1765328347  # KRB5KRB_AP_ERR_SKEW
 
 @dataclass(frozen=True)
 class TicketInfo:
-    """What the cache holds: the client principal and the TGT's times (Unix seconds)."""
+    """What the cache holds: the client principal and the TGT's times (Unix seconds).
+
+    A cache from the credential broker has no TGT, only service tickets: then ``services`` lists them as
+    (service principal, end time), the times are the earliest ticket's and ``renewable`` is False.
+    """
 
     principal: str
     starttime: int
@@ -52,6 +60,7 @@ class TicketInfo:
     renew_till: int
     renewable: bool
     cache: str
+    services: tuple[tuple[str, int], ...] = ()
 
     def remaining(self, now: float | None = None) -> float:
         return self.endtime - (time.time() if now is None else now)
@@ -69,8 +78,16 @@ def _context() -> krb5.Context:
 
 
 def _classify(err: krb5.Krb5Error, what: str, principal: str) -> TicketError:
+    """The error a user reads: krb5's words without its number (kept as ``krb5_code`` for logs and the API)."""
     code = err.err_code
-    text = str(err) or f"Kerberos error {code}"
+    error = _classify_words(err, what, principal)
+    error.krb5_code = code  # type: ignore[attr-defined]
+    return error
+
+
+def _classify_words(err: krb5.Krb5Error, what: str, principal: str) -> TicketError:
+    code = err.err_code
+    text = re.sub(r"\s*-?\d{6,}$", "", str(err)).strip() or "an unexplained Kerberos error"
     if code in KDC_UNREACHABLE:
         return KdcUnreachableError(f"{what} for {principal}: cannot reach the KDC ({text})")
     if code in REJECTED:
@@ -120,6 +137,84 @@ def acquire_with_keytab(
     return store(ctx, creds, cache)
 
 
+def acquire_with_keytab_data(
+    principal: str, data: bytes, cache: str | Path, lifetime: int | None = None,
+    renew_life: int | None = None,
+) -> TicketInfo:
+    """Like ``acquire_with_keytab`` for a keytab held in memory (from Secrets Manager): its keys go into a
+    ``MEMORY:`` keytab with a random name, never to disk, and are freed when this call returns.
+
+    Raises CredentialsRejectedError (also for bytes that are not a keytab), KdcUnreachableError, TicketError,
+    CacheError."""
+    try:
+        entries = parse_keytab(data)
+    except ValueError as err:
+        raise CredentialsRejectedError(f"the keytab for {principal} is not a valid keytab ({err})") from None
+    ctx = _context()
+    try:
+        creds = _creds_from_memory_keytab(ctx, principal, entries, lifetime, renew_life)
+    except krb5.Krb5Error as err:
+        raise _classify(err, "getting a ticket from the keytab", principal) from None
+    return store(ctx, creds, cache)
+
+
+def _creds_from_memory_keytab(ctx: krb5.Context, principal: str, entries: list[KeytabEntry], lifetime: int | None,
+                              renew_life: int | None) -> krb5.Creds:
+    # The keytab handle lives only in this frame: MIT frees a MEMORY keytab and its keys when the last handle
+    # closes (checked: resolving the same name afterwards finds no entries).
+    kt = krb5.kt_resolve(ctx, f"MEMORY:kerb_jupyter-{secrets.token_hex(16)}".encode())
+    for realm, components, timestamp, kvno, enctype, key in entries:
+        name = krb5.build_principal(ctx, realm, components)
+        krb5.kt_add_entry(ctx, kt, name, kvno, timestamp, krb5.init_keyblock(ctx, enctype, key))
+    client = krb5.parse_name_flags(ctx, principal.encode())
+    return krb5.get_init_creds_keytab(ctx, client, _options(ctx, lifetime, renew_life), keytab=kt)
+
+
+KeytabEntry = tuple[bytes, list[bytes], int, int, int, bytes]  # realm, components, timestamp, kvno, enctype, key
+
+
+def parse_keytab(data: bytes) -> list[KeytabEntry]:
+    """The entries of a version 0x502 keytab (the format MIT, Heimdal and AD's ktpass write). Raises ValueError."""
+    if data[:2] != b"\x05\x02":
+        raise ValueError("not a version 2 keytab")
+    entries, i = [], 2
+    while i + 4 <= len(data):
+        (size,) = struct.unpack_from(">i", data, i)
+        i += 4
+        if size == 0:
+            break
+        if size > 0:
+            entries.append(_keytab_entry(data[i:i + size]))
+        i += abs(size)  # a negative size is a hole left by a removed entry
+    if not entries:
+        raise ValueError("no keys in it")
+    return entries
+
+
+def _keytab_entry(e: bytes) -> KeytabEntry:
+    try:
+        (count,) = struct.unpack_from(">H", e, 0)
+        pos = 2
+        strings = []
+        for _ in range(count + 1):  # the realm, then each component
+            (length,) = struct.unpack_from(">H", e, pos)
+            if pos + 2 + length > len(e):
+                raise ValueError("truncated entry")
+            strings.append(e[pos + 2:pos + 2 + length])
+            pos += 2 + length
+        _name_type, timestamp, kvno, enctype, length = struct.unpack_from(">IIBHH", e, pos)
+        pos += 13
+        key = e[pos:pos + length]
+        if len(key) != length:
+            raise ValueError("truncated key")
+        pos += length
+        if len(e) - pos >= 4 and struct.unpack_from(">I", e, pos)[0]:
+            kvno = struct.unpack_from(">I", e, pos)[0]  # the 32-bit kvno, when present, wins over the 8-bit one
+    except struct.error:
+        raise ValueError("truncated entry") from None
+    return strings[0], strings[1:], timestamp, kvno, enctype, key
+
+
 def acquire_with_password(
     principal: str, password: bytes, cache: str | Path, lifetime: int | None = None,
     renew_life: int | None = None,
@@ -149,31 +244,28 @@ def renew(cache: str | Path) -> TicketInfo:
 
 
 def store(ctx: krb5.Context, creds: krb5.Creds, cache: str | Path) -> TicketInfo:
-    """Write ``creds`` to a new cache next to ``cache`` and atomically rename it into place."""
+    """Write ``creds`` to a new cache (unpredictable name, 0600) next to ``cache`` and rename it into place.
+
+    Raises ConfigError (code ``unsafe_directory``) when the directory is not private, CacheError otherwise."""
     target = Path(cache)
-    ensure_private_dir(target.parent)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}")
+    directory = ensure_private_dir(target.parent)
     try:
-        cc = krb5.cc_resolve(ctx, f"FILE:{tmp}".encode())
-        krb5.cc_initialize(ctx, cc, creds.client)
-        krb5.cc_store_cred(ctx, cc, creds)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, target)
+        with files.private_temp(directory, f".{target.name}.") as tmp:
+            cc = krb5.cc_resolve(ctx, f"FILE:{tmp}".encode())
+            krb5.cc_initialize(ctx, cc, creds.client)
+            krb5.cc_store_cred(ctx, cc, creds)
+            os.replace(tmp, target)  # replaces whatever is at target (a planted symlink too), never follows it
     except krb5.Krb5Error as err:
         raise CacheError(f"could not write the credential cache {target}: {err}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    except OSError as err:
+        raise CacheError(f"could not write the credential cache {target}: {err.strerror}") from None
     return read_cache(target, allow_expired=True)
 
 
-def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` 0700, or check an existing one is ours and private. Raises CacheError."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.geteuid():
-        raise CacheError(f"the credential directory {path} belongs to uid {st.st_uid}, not to this user")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` 0700, or check that an existing one is a real directory of ours that nobody else can
+    write to (never tightened: a loose one is refused). Raises ConfigError (code ``unsafe_directory``)."""
+    return files.check_private_dir(path, "credential directory")
 
 
 _MEMO: dict[Path, tuple[tuple[int, ...], TicketInfo]] = {}
@@ -227,10 +319,21 @@ def _parse_cache(path: Path, st: os.stat_result) -> TicketInfo:
         name = client.name.decode() if client.name else ""
         realm = name.rsplit("@", 1)[-1]
         tgt_name = f"krbtgt/{realm}@{realm}".encode()
+        services: list[tuple[str, int, int]] = []
         for creds in cc:
             if creds.server.name == tgt_name:
                 break
+            server = creds.server.name.decode(errors="replace") if creds.server.name else ""
+            if not server.startswith(("krbtgt/", "X-CACHECONF:")) and creds.client.name == client.name:
+                times = creds.times
+                services.append((server, times.starttime or times.authtime, times.endtime))
         else:
+            if services:  # the broker's kind of cache: service tickets, no TGT
+                return TicketInfo(
+                    principal=name, starttime=min(s[1] for s in services), endtime=min(s[2] for s in services),
+                    renew_till=min(s[2] for s in services), renewable=False, cache=str(path),
+                    services=tuple(sorted((s[0], s[2]) for s in services)),
+                )
             raise NoTicketError(f"the ticket cache {path} holds no ticket-granting ticket for {name}")
     except krb5.Krb5Error as err:
         raise CacheError(f"the ticket cache {path} is unreadable or corrupt ({err})") from None

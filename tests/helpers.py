@@ -32,6 +32,9 @@ class KernelSession:
     def __init__(self, connection_info: dict[str, Any]) -> None:
         self.client = BlockingKernelClient()
         self.client.load_connection_info(connection_info)
+        # Without a kernel manager the client judges "alive" by heartbeats; the default 1 s is too short on a
+        # loaded 2-core machine while the kernel is still importing ("Kernel died before replying").
+        self.client.hb_channel.time_to_dead = 10.0
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)
 

@@ -4,6 +4,7 @@ rules, as tables, including hostile input."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 
 import boto3
@@ -13,6 +14,7 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 from kerb_jupyter import ConfigError, IdentityError
+from kerb_jupyter.config import parse_settings
 from kerb_jupyter.identity import IdentityResolver
 from kerb_jupyter.mapping import map_identity
 
@@ -42,11 +44,30 @@ def assumed_role_factory(role_name: str, session_name: str):
     return factory
 
 
+SSO_ROLE = "AWSReservedSSO_DataScientist_0123456789abcdef"
+
+
 def test_sts_identity_center_session_is_trusted(aws):
-    factory = assumed_role_factory("AWSReservedSSO_DataScientist_0123abcd", "alice@example.com")
-    who = IdentityResolver({"order": ["sts"]}, factory).resolve()
+    factory = assumed_role_factory(SSO_ROLE, "alice@example.com")
+    who = IdentityResolver({"order": ["sts"], "sso_accounts": ["123456789012"]}, factory).resolve()
     assert (who.name, who.source, who.trusted) == ("alice@example.com", "sts", True)
-    assert who.arn.endswith("assumed-role/AWSReservedSSO_DataScientist_0123abcd/alice@example.com")
+    assert who.arn.endswith(f"assumed-role/{SSO_ROLE}/alice@example.com")
+
+
+@pytest.mark.parametrize(("role", "accounts", "why"), [
+    (SSO_ROLE, [], "is not in identity.sso_accounts"),                         # no account named
+    (SSO_ROLE, ["210987654321"], "is not in identity.sso_accounts"),           # another account
+    ("AWSReservedSSO_DataScientist_0123abcd", ["123456789012"], ""),            # 8 hex digits, not 16
+    ("AWSReservedSSO_DataScientist_0123456789abcdeg", ["123456789012"], ""),    # not hex
+    ("AWSReservedSSO_x_0123456789abcdef_evil", ["123456789012"], ""),           # something after the suffix
+    ("AWSReservedSSO_Admin", ["123456789012"], ""),                             # a prefix is not the form
+    ("MyAWSReservedSSO_Data_0123456789abcdef", ["123456789012"], ""),
+])
+def test_sts_session_counts_as_sso_only_in_the_exact_form_and_a_named_account(aws, role, accounts, why):
+    factory = assumed_role_factory(role, "alice@example.com")
+    who = IdentityResolver({"order": ["sts"], "sso_accounts": accounts}, factory).resolve()
+    assert (who.name, who.trusted) == ("alice@example.com", False)
+    assert why in who.detail
 
 
 def test_sts_other_role_session_is_claimed(aws):
@@ -129,7 +150,7 @@ def test_chain_order_and_reasons(monkeypatch, tmp_path):
     monkeypatch.setenv("JUPYTERHUB_USER", "hubuser")
     spec = {"order": ["config", "jupyterhub"], "metadata_file": str(tmp_path / "none")}
     assert IdentityResolver(spec).resolve().source == "jupyterhub"
-    assert IdentityResolver({**spec, "user": "carol"}).resolve().source == "config"
+    assert IdentityResolver({**spec, "user": "carol", "require_trusted_identity": False}).resolve().source == "config"
     monkeypatch.delenv("JUPYTERHUB_USER")
     with pytest.raises(IdentityError) as err:
         IdentityResolver({**spec, "order": ["config", "jupyterhub", "studio_space"]}).resolve()
@@ -138,6 +159,44 @@ def test_chain_order_and_reasons(monkeypatch, tmp_path):
     assert "studio_space: not a SageMaker Studio space" in str(err.value)
     with pytest.raises(IdentityError, match="unknown resolver"):
         IdentityResolver({"order": ["ldap"]})
+
+
+def test_require_trusted_identity_defaults_on_where_the_platform_enforces_one(monkeypatch, tmp_path):
+    spec = {"order": ["config", "jupyterhub"], "user": "carol", "metadata_file": str(tmp_path / "none")}
+    monkeypatch.delenv("JUPYTERHUB_USER", raising=False)
+    # No enforced source on this platform: "auto" is off and the claimed name is used (and marked claimed).
+    who = IdentityResolver(spec).resolve()
+    assert (who.name, who.trusted) == ("carol", False)
+    # Explicitly on: the claimed name is refused and nothing enforced is left.
+    with pytest.raises(IdentityError) as err:
+        IdentityResolver({**spec, "require_trusted_identity": True}).resolve()
+    assert err.value.code == "untrusted_identity"
+    assert "'carol' is claimed, not enforced by AWS, and require_trusted_identity is on" in str(err.value)
+    # On JupyterHub "auto" is on: the hub's user wins over a claimed identity.user placed first.
+    monkeypatch.setenv("JUPYTERHUB_USER", "hubuser")
+    who = IdentityResolver(spec).resolve()
+    assert (who.name, who.source, who.trusted) == ("hubuser", "jupyterhub", True)
+    # In a Studio space too (its metadata file names the space).
+    monkeypatch.delenv("JUPYTERHUB_USER")
+    meta = tmp_path / "studio.json"
+    meta.write_text(json.dumps({"DomainId": "d-abc", "SpaceName": "s"}))
+    with pytest.raises(IdentityError, match="require_trusted_identity is on"):
+        IdentityResolver({**spec, "order": ["config"], "metadata_file": str(meta)}).resolve()
+
+
+@pytest.mark.parametrize(("spec", "key"), [
+    ({"require_trusted_identity": "yes"}, "identity.require_trusted_identity"),
+    ({"sso_accounts": "123456789012"}, "identity.sso_accounts"),
+    ({"sso_accounts": [123456789012]}, "identity.sso_accounts"),
+    ({"sso_accounts": ["12345"]}, "identity.sso_accounts"),
+    ({"order": "sts"}, "identity.order"),
+    ({"user": 42}, "identity.user"),
+    ({"require_trusted": True}, "unknown key(s) require_trusted"),
+])
+def test_bad_identity_settings_are_config_errors_naming_the_key(spec, key):
+    with pytest.raises(IdentityError) as err:
+        IdentityResolver(spec)
+    assert err.value.code == "config_error" and key in str(err.value)
 
 
 def test_aws_unreachable_is_classified(monkeypatch):
@@ -172,7 +231,6 @@ def test_mapping_first_match_wins(identity, principal):
 @pytest.mark.parametrize("identity", [
     "mallory@evil.com",                       # no rule matches
     "alice@example.com.evil.com",             # domain must match exactly
-    "",
 ])
 def test_mapping_never_guesses(identity):
     with pytest.raises(IdentityError, match="no mapping rule matches") as err:
@@ -181,18 +239,30 @@ def test_mapping_never_guesses(identity):
 
 
 @pytest.mark.parametrize("identity", [
+    "",
     "krbtgt/CORP.EXAMPLE.COM@example.com",    # a '/' would make a service principal
     "a'b@example.com",
     'a"b@example.com',
     "a b@example.com",
+    " alice@example.com",                     # taken as given: not stripped
     "a\nb@example.com",
     "x" * 300 + "@example.com",
     "al*ce@example.com",
     "ålice@example.com",
 ])
-def test_mapping_refuses_hostile_results(identity):
+def test_mapping_refuses_hostile_identities(identity):
     with pytest.raises(IdentityError) as err:
         map_identity(identity, {"rules": [{"template": "{local}@CORP.EXAMPLE.COM"}]})
+    assert err.value.code == "bad_identity"
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("result", [
+    "krbtgt/CORP.EXAMPLE.COM", "a'b", 'a"b', "a b", "a\nb", "x" * 300, "al*ce", "ålice", "alice\u212a",
+])
+def test_mapping_refuses_hostile_results(result):
+    with pytest.raises(IdentityError) as err:
+        map_identity("alice", {"rules": [{"table": {"alice": f"{result}@CORP.EXAMPLE.COM"}}]})
     assert err.value.code == "bad_principal"
     assert "\n" not in str(err.value)
 
@@ -204,3 +274,30 @@ def test_mapping_with_bad_rules_is_a_config_error():
         map_identity("a@b", {"rules": [{"template": "{nope}@X"}]})
     with pytest.raises(ConfigError, match="has none of"):
         map_identity("a@b", {"rules": [{"something": 1}]})
+
+
+KELVIN, LONG_S, DOTLESS_I = "\u212a", "\u017f", "\u0131"  # look-alikes; tests/test_security.py has the attacks
+
+
+def test_the_lookalikes_are_real_attacks_without_ascii_rules():
+    # What Python does by default, i.e. what made the attack work: each look-alike becomes an ASCII name.
+    assert f"{KELVIN}ate".lower() == "kate" and f"ro{LONG_S}e".upper() == "ROSE"
+    assert f"adm{DOTLESS_I}n".upper() == "ADMIN"
+    assert re.fullmatch(r"(?i)kate", f"{KELVIN}ate") and re.fullmatch(r"\w+", f"{KELVIN}ate")
+
+
+@pytest.mark.parametrize(("rules", "why"), [
+    ([{"table": {f"{KELVIN}ate@example.com": "kate@CORP.TEST"}}], "is not plain ASCII"),
+    ([{"regex": r"(?u)kate", "principal": "kate@CORP.TEST"}], "bad regex"),
+    ([{"template": "{local}@CORP.TEST", "domain": f"{KELVIN}.com"}], "plain ASCII"),
+])
+def test_rules_with_non_ascii_keys_or_unicode_regexes_are_config_errors(rules, why):
+    with pytest.raises(ConfigError, match=why):
+        map_identity("kate@example.com", {"rules": rules})
+
+
+def test_a_non_ascii_principal_in_the_configuration_is_refused():
+    with pytest.raises(ConfigError, match="is not a Kerberos principal"):
+        parse_settings({"principal": f"{KELVIN}ate@CORP.TEST"})
+    with pytest.raises(IdentityError, match="not a valid plain-ASCII user principal"):
+        map_identity("kate", {"rules": [{"template": f"{{local}}@CORP.TES{DOTLESS_I}"}]})

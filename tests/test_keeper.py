@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import os
 import secrets
@@ -296,3 +297,113 @@ def test_clock_skew_against_the_kdc_is_reported(sandbox, cache, caplog):
     assert keeper.state.state == "valid"
     assert -125 < keeper.state.clock_skew < -115
     assert "clock differs from the KDC's by -12" in caplog.text
+
+
+def test_a_foreign_ticket_in_the_shared_cache_is_replaced_with_a_warning(sandbox, cache, extra_principals, caplog):
+    keeper = keeper_for(sandbox, cache)
+    keeper.step()
+    bob, _, bob_keytab = extra_principals["bob"]
+    tickets.acquire_with_keytab(bob, bob_keytab, cache)  # someone ran kinit into the shared cache
+    with caplog.at_level(logging.WARNING, logger="kerb_jupyter.keeper"):
+        keeper.step()
+    assert tickets.read_cache(cache).principal == sandbox.principal
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"held a ticket for {bob}, not for {sandbox.principal}" in warning.getMessage()
+    assert "kinit" in warning.getMessage()
+
+
+def test_status_names_the_secret_actually_used(sandbox, cache, aws):
+    aws.create_secret(Name="kerberos/alice", SecretBinary=sandbox.keytab.read_bytes())
+    keeper = keeper_for(sandbox, cache, SecretsManagerSource("kerberos/{user}", "keytab", region="us-east-1"))
+    assert keeper.state.source == "Secrets Manager keytab kerberos/alice"
+    keeper.step()
+    assert keeper.state.state == "valid" and "{user}" not in json.dumps(keeper.state.as_dict())
+
+
+class ExplodingSource:
+    """A source with a bug: the keeper must report it, keep its task alive and stop cleanly."""
+
+    kind = "exploding"
+    can_acquire = True
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def acquire(self, principal, cache, lifetime, renew_life):
+        self.calls += 1
+        raise TypeError("expected str, bytes or os.PathLike object, not int")
+
+    def describe(self) -> str:
+        return "a source with a bug"
+
+
+def test_an_unexpected_error_is_an_error_state_not_a_dead_task(sandbox, cache, caplog):
+    async def scenario():
+        keeper = keeper_for(sandbox, cache, ExplodingSource())
+        keeper.start()
+        while keeper.state.state != "error":
+            await asyncio.sleep(0.02)
+        alive = not keeper._task.done()
+        again = await keeper.renew_now()  # a manual attempt works, and fails the same way
+        await keeper.stop()
+        return keeper, alive, again
+
+    with caplog.at_level(logging.ERROR, logger="kerb_jupyter.keeper"):
+        keeper, alive, again = asyncio.run(scenario())
+    assert alive and keeper.source.calls == 2
+    assert again.last_error["code"] == "internal_error"
+    assert "TypeError: expected str, bytes or os.PathLike object, not int" in again.last_error["message"]
+    assert "Traceback" in caplog.text  # the server log keeps the traceback; the status does not
+    assert "Traceback" not in json.dumps(keeper.state.as_dict())
+
+
+def test_stop_succeeds_even_when_the_task_died(sandbox, cache):
+    async def scenario():
+        keeper = keeper_for(sandbox, cache)
+
+        async def dies():
+            raise RuntimeError("boom")
+
+        keeper._task = asyncio.get_running_loop().create_task(dies())
+        await asyncio.sleep(0)
+        await keeper.stop()
+        return keeper
+
+    assert asyncio.run(scenario()).state.state == "stopped"
+
+
+def test_a_new_secret_version_lifts_the_hold_after_rejection(sandbox, cache, aws, extra_principals):
+    principal, password, _ = extra_principals["bob"]
+    aws.create_secret(Name=f"ad/{principal}", SecretString="not-the-password")
+    keeper = keeper_for(sandbox, cache, SecretsManagerSource("ad/{principal}", "password", region="us-east-1"),
+                        principal, rejected_cooldown=900)
+    keeper.step()
+    assert keeper.state.last_error["code"] == "credentials_rejected"
+    assert 899 < keeper.renewal_hold() <= 900  # the same secret: no new attempt for 15 minutes
+    aws.put_secret_value(SecretId=f"ad/{principal}", SecretString=password)  # the user fixes the secret
+    assert keeper.renewal_hold() == 0
+    keeper.step(force=True)
+    assert keeper.state.state == "valid" and keeper.renewal_hold() == 0
+
+
+def test_a_state_directory_owned_by_someone_else_is_an_error_not_a_dead_keeper(sandbox, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    state = tmp_path / "theirs"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+
+    async def scenario():
+        keeper = keeper_for(sandbox, state / "krb5cc")
+        keeper.start()
+        while keeper.state.state not in ("error",):
+            await asyncio.sleep(0.02)
+        alive = not keeper._task.done()
+        after = await keeper.renew_now()
+        await keeper.stop()  # right after a renewal woke the loop: the stop is not lost (it once was)
+        return keeper, alive, after
+
+    keeper, alive, after = asyncio.run(scenario())
+    assert alive and after.state == "error"
+    assert str(state) in after.last_error["message"] and "uid 65534" in after.last_error["message"]
+    assert keeper.state.state == "error"

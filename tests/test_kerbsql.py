@@ -130,7 +130,7 @@ def test_limits_truncation_and_display(shell):
     out, _ = run(shell, "%kerbsql analytics --limit 5 SELECT id, city FROM trips ORDER BY id")
     assert len(out.rows) == 5 and out.truncated
     html = out._repr_html_()
-    assert "<th title='int4'>id<br><small>int4</small></th>" in html
+    assert "<th title='integer'>id<br><small>integer</small></th>" in html
     assert "Showing the first 5 rows" in html
     assert "Showing the first 5 rows" in repr(out)
     run(shell, "%config KerbSqlMagics.display_limit = 7")
@@ -228,7 +228,7 @@ def test_empty_results_still_have_columns(shell):
     assert [c.name for c in out.columns] == ["id", "city"] and out.rows == [] and not out.truncated
     shell.user_ns["town"] = "Nowhere"
     out, _ = run(shell, "%kerbsql analytics SELECT id, '100%' AS pct FROM trips WHERE city = :town")
-    assert [(c.name, c.type_name) for c in out.columns] == [("id", "int4"), ("pct", "text")] and out.rows == []
+    assert [(c.name, c.type_name) for c in out.columns] == [("id", "integer"), ("pct", "text")] and out.rows == []
 
 
 def test_a_select_inside_a_transaction_uses_a_cursor_and_keeps_the_transaction(shell):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import time
 from importlib.resources import files
 
 import pytest
@@ -42,14 +44,30 @@ async def call(jp_fetch, *parts, method="GET", **kw):
 
 
 @pytest.fixture
-def jp_server_config(kj_config, sandbox):
+def jp_server_config(kj_config, sandbox, request):
+    """The default: the sandbox's clusters plus a closed port; ``indirect`` variants for the tests below."""
     from conftest import write_config
 
-    clusters = {n: sandbox.cluster_config(n) for n in sandbox.servers}
-    clusters["closed"] = {"host": "localhost", "port": free_port(), "dbname": "x", "connect_timeout": 2}
-    write_config(kj_config, sandbox, clusters=clusters)
+    variant = getattr(request, "param", "default")
+    extra = {"renew_min_interval": 0} if variant != "default" else {}
+    if variant == "slow_checks":
+        port = request.getfixturevalue("silent_listener")
+        clusters = {f"slow{i}": {"host": "localhost", "port": port, "dbname": "x", "connect_timeout": 12,
+                                 "sslmode": "disable", "gssencmode": "disable"} for i in range(10)}
+        write_config(kj_config, sandbox, clusters=clusters)
+        extra["max_concurrent_checks"] = 2
+    elif variant == "rejected":
+        request.getfixturevalue("rejected_config")
+    elif variant == "odd_option":
+        clusters = {"odd": {**sandbox.cluster_config("analytics"), "options": {"no_such_libpq_option": "1"}}}
+        write_config(kj_config, sandbox, clusters=clusters)
+    else:
+        clusters = {n: sandbox.cluster_config(n) for n in sandbox.servers}
+        clusters["closed"] = {"host": "localhost", "port": free_port(), "dbname": "x", "connect_timeout": 2}
+        write_config(kj_config, sandbox, clusters=clusters)
     return {"ServerApp": {"jpserver_extensions": {"kerb_jupyter": True}},
-            "KerbJupyterApp": {"config_file": str(kj_config), "retry_interval": 0.3, "max_retry_interval": 0.5}}
+            "KerbJupyterApp": {"config_file": str(kj_config), "retry_interval": 0.3, "max_retry_interval": 0.5,
+                               **extra}}
 
 
 def test_every_route_is_documented():
@@ -180,3 +198,154 @@ async def test_metrics_are_exported(jp_serverapp, jp_fetch):
     assert left and 3000 < float(left.group(1)) <= 3600
     assert re.search(r'^kerb_jupyter_renewals_total\{kind="acquired"\} 1\.0$', text, re.M)
     assert re.search(r"^kerb_jupyter_renewal_failures_total 0\.0$", text, re.M)
+
+
+# -- bounded work: hanging databases never hold up status and renew -------------------------------------------
+@pytest.fixture
+def silent_listener():
+    """A TCP port that accepts connections and never says a word (a database that hangs)."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    srv.close()
+
+
+@pytest.mark.parametrize("jp_server_config", ["slow_checks"], indirect=True)
+async def test_many_hanging_checks_are_bounded_while_status_and_renew_answer(jp_serverapp, jp_fetch):
+    app = jp_serverapp
+    await start_extensions(app)
+    await wait_state(jp_fetch, "valid")
+    finished: list[str] = []
+
+    async def check(i):
+        status, body = await call(jp_fetch, "clusters", f"slow{i}", "check", method="POST")
+        finished.append(f"check{i}:{status}")
+        return status, body
+
+    checks = [asyncio.ensure_future(check(i)) for i in range(10)]
+    while extension(app).checks_running < 2:  # two hang in the pool; the other eight are answered at once
+        await asyncio.sleep(0.02)
+    took = []
+    for _ in range(3):
+        started = time.perf_counter()
+        status, body = await call(jp_fetch, "status")
+        assert status == 200
+        finished.append("status")
+        status, body = await call(jp_fetch, "renew", method="POST")
+        assert status == 200 and body["state"] == "valid", body
+        finished.append("renew")
+        took.append(time.perf_counter() - started)
+    print(f"status + renew while two checks hang: {max(took) * 1000:.1f} ms at most")
+    results = await asyncio.gather(*checks)
+    busy = [r for r in results if r[0] == 429]
+    hung = [r for r in results if r[0] != 429]
+    assert len(busy) == 8 and all(b["error"]["code"] == "checks_busy" for _, b in busy)
+    conforms("/clusters/{name}/check", "post", *busy[0])
+    assert len(hung) == 2 and all(s == 502 and b["error"]["code"] == "db_unreachable" for s, b in hung), hung
+    # Status and renew all answered while both hanging checks were still running.
+    last_control = max(i for i, what in enumerate(finished) if what in ("status", "renew"))
+    first_hung = min(i for i, what in enumerate(finished) if what.startswith("check") and not what.endswith("429"))
+    assert last_control < first_hung, finished
+
+
+# -- after rejected credentials: no lockout ---------------------------------------------------------------
+def stale_principal(sandbox, keytab):
+    """A principal whose keytab holds the wrong key (like a keytab left stale by a password change)."""
+    who = sandbox.realm.add_principal(f"bob{os.urandom(3).hex()}", password=os.urandom(8).hex(), keytab=keytab)
+    sandbox.realm.kadmin(f"cpw -pw {os.urandom(8).hex()} {who}")  # the keytab's key is now stale
+    return who
+
+
+@pytest.fixture
+def rejected_config(kj_config, sandbox, tmp_path):
+    from conftest import write_config
+
+    keytab = tmp_path / "bob.keytab"
+    who = stale_principal(sandbox, keytab)
+    write_config(kj_config, sandbox, principal=who, source={"type": "keytab", "keytab": str(keytab)})
+    return who, keytab
+
+
+def as_requests(sandbox, principal: str) -> int:
+    log = sandbox.realm.log_file.read_text(errors="replace")
+    return sum(1 for line in log.splitlines() if "AS_REQ" in line and f" {principal} for krbtgt" in line)
+
+
+@pytest.mark.parametrize("jp_server_config", ["rejected"], indirect=True)
+async def test_renew_after_rejected_credentials_answers_409_without_asking_the_kdc(
+        jp_serverapp, rejected_config, sandbox, jp_fetch):
+    who, keytab = rejected_config
+    app = jp_serverapp
+    await start_extensions(app)
+    doc = await wait_state(jp_fetch, "error")
+    assert doc["last_error"]["code"] == "credentials_rejected"
+    first = as_requests(sandbox, who)
+    assert 1 <= first <= 2  # one attempt (the KDC logs a preauth round too)
+    for _ in range(5):
+        status, body = await call(jp_fetch, "renew", method="POST")
+        conforms("/renew", "post", status, body)
+        assert status == 409 and body["error"]["code"] == "credentials_rejected"
+        assert who in body["error"]["message"] and "to protect the account from lockout" in body["error"]["message"]
+    assert as_requests(sandbox, who) == first  # five clicks, no AS request
+    # The cool-down passes: exactly one more attempt, then 409 again.
+    extension(app).keeper.rejected_cooldown = 0
+    status, body = await call(jp_fetch, "renew", method="POST")
+    assert status == 409 and "fix the keytab or secret" in body["error"]["message"]
+    extension(app).keeper.rejected_cooldown = 900
+    second = as_requests(sandbox, who)
+    assert 1 <= second - first <= 2
+    status, body = await call(jp_fetch, "renew", method="POST")
+    assert status == 409 and as_requests(sandbox, who) == second
+    # The keytab is replaced with a good one: noticed at once, one attempt, a ticket.
+    sandbox.realm.export_keytab(who, keytab)
+    status, body = await call(jp_fetch, "renew", method="POST")
+    assert status == 200 and body["state"] == "valid" and body["principal"] == who, body
+
+
+@pytest.mark.parametrize("jp_server_config", ["rejected"], indirect=True)
+async def test_a_changed_configuration_lifts_the_hold(jp_serverapp, kj_config, sandbox, jp_fetch, tmp_path):
+    from conftest import write_config
+
+    await start_extensions(jp_serverapp)
+    await wait_state(jp_fetch, "error")
+    # Another stale keytab: the edit is read by a renew request, which makes exactly one attempt for it.
+    other = stale_principal(sandbox, tmp_path / "other.keytab")
+    write_config(kj_config, sandbox, principal=other,
+                 source={"type": "keytab", "keytab": str(tmp_path / "other.keytab")})
+    for _ in range(3):
+        status, body = await call(jp_fetch, "renew", method="POST")
+        assert status == 409 and other in body["error"]["message"], body
+    assert as_requests(sandbox, other) == 1  # no preauth required here: one AS request per attempt
+    write_config(kj_config, sandbox)  # the admin fixes the principal
+    status, body = await call(jp_fetch, "renew", method="POST")
+    assert status == 200 and body["principal"] == sandbox.principal
+    await wait_state(jp_fetch, "valid")
+
+
+@pytest.mark.parametrize("jp_server_config", ["odd_option"], indirect=True)
+async def test_a_check_with_an_option_libpq_does_not_know_answers_json_not_500(jp_serverapp, jp_fetch):
+    await start_extensions(jp_serverapp)
+    status, body = await call(jp_fetch, "clusters", "odd", "check", method="POST")
+    # Refused where the configuration is loaded (404/409) or when connecting (502): never a 500 or a traceback.
+    assert status in (404, 409, 502) and body["error"]["code"] != "server_error", (status, body)
+    assert "Traceback" not in json.dumps(body)

@@ -107,16 +107,128 @@ async def test_a_malformed_config_file_is_reported_not_fatal(bad_config, jp_serv
     assert doc["last_error"]["message"].startswith(str(bad_config))
 
 
-@pytest.mark.parametrize("jp_server_config", [{
-    "ServerApp": {"jpserver_extensions": {"kerb_jupyter": True}, "reraise_server_extension_failures": True},
-    "KerbJupyterApp": {"renew_fraction": 5},
-}])
-def test_an_invalid_setting_fails_start_up_naming_trait_and_value(jp_configurable_serverapp, jp_server_config,
-                                                                  capsys, caplog):
-    with pytest.raises(SystemExit):
-        jp_configurable_serverapp(config=jp_server_config)
-    said = caplog.text + "".join(capsys.readouterr())
-    assert "KerbJupyterApp.renew_fraction must be between 0.1 and 0.95, not 5.0" in said
+@pytest.mark.parametrize(("setting", "value", "message"), [
+    ("renew_fraction", 5, "KerbJupyterApp.renew_fraction must be between 0.1 and 0.95, not 5.0"),
+    ("retry_interval", "soon", "KerbJupyterApp.retry_interval: The 'retry_interval' trait of a KerbJupyterApp "
+                               "instance expected a float, not the str 'soon'"),
+    ("max_retry_interval", 0, "KerbJupyterApp.max_retry_interval must be at least 0.1 s, not 0.0"),
+    ("max_concurrent_checks", 0, "KerbJupyterApp.max_concurrent_checks must be from 1 to 64, not 0"),
+    ("ticket_lifetime", "10h", "KerbJupyterApp.ticket_lifetime: The 'ticket_lifetime' trait"),
+    ("start_keeper", "maybe", "KerbJupyterApp.start_keeper: The 'start_keeper' trait"),
+    ("principal", "alice@lower.case", "KerbJupyterApp.principal: 'alice@lower.case' is not a Kerberos principal"),
+    ("rejected_cooldown", [1], "KerbJupyterApp.rejected_cooldown: The 'rejected_cooldown' trait"),
+    ("ticket_lifetime", -60, "KerbJupyterApp.ticket_lifetime must be 0 or more, not -60"),
+    ("renewable_lifetime", -1, "KerbJupyterApp.renewable_lifetime must be 0 or more, not -1"),
+])
+async def test_an_invalid_setting_is_reported_and_the_extension_still_loads(
+        jp_configurable_serverapp, kj_config, setting, value, message):
+    config = {"ServerApp": {"jpserver_extensions": {"kerb_jupyter": True},
+                            "reraise_server_extension_failures": True},
+              "KerbJupyterApp": {"config_file": str(kj_config), setting: value}}
+    app = jp_configurable_serverapp(config=config)
+    from helpers import extension
+
+    ext = extension(app)
+    assert ext.keeper is None
+    await start_extensions(app)
+    from kerb_jupyter.handlers import status_doc
+
+    doc = status_doc(ext)
+    assert doc["state"] == "error" and doc["last_error"]["code"] == "config_error"
+    assert message in doc["last_error"]["message"]
+
+
+def bad(overrides, message):
+    return pytest.param(overrides, message, id=message[:40])
+
+
+IDENTITY = {"principal": None, "identity": {"order": ["config"], "user": "alice@example.com"},
+            "mapping": {"rules": [{"template": "{local}@KERB.TEST"}]}}
+
+
+def ident(identity=None, rules=None):
+    return {**IDENTITY, "identity": identity or IDENTITY["identity"],
+            "mapping": {"rules": rules} if rules is not None else IDENTITY["mapping"]}
+
+
+BAD_VALUES = [
+    bad({"principal": 42}, "principal: 42 is not a Kerberos principal"),
+    bad({"source": []}, "'source' must be an object"),
+    bad({"source": {"type": "ldap"}}, "source.type 'ldap' is not one of"),
+    bad({"source": {"type": "keytab", "keytab": 42}}, "source.keytab must be a string, not int 42"),
+    bad({"source": {"type": "keytab"}}, "source.keytab: the path of the keytab is required"),
+    bad({"source": {"type": "existing_cache", "cache": ["x"]}}, "source.cache must be a string, not list"),
+    bad({"source": {"type": "secretsmanager_keytab", "secret_id": 7}}, "source.secret_id must be a string"),
+    bad({"source": {"type": "secretsmanager_keytab", "secret_id": "k/{usr}"}},
+        "source.secret_id 'k/{usr}' uses {usr}; allowed: {principal}, {realm}, {user}"),
+    bad({"source": {"type": "secretsmanager_password", "secret_id": "k/{user", "region": "x"}},
+        "source.secret_id 'k/{user' is not a valid template"),
+    bad({"source": {"type": "secretsmanager_password", "secret_id": "k/{user}", "region": 3}},
+        "source.region must be a string, not int 3"),
+    bad({"state_dir": 42}, "state_dir must be a path (a string), not int 42"),
+    bad({"audit_log": ["a"]}, "audit_log must be a path (a string), not list"),
+    bad({"identity": "sts"}, "'identity' must be an object"),
+    bad(ident({"order": "config"}), "identity.order must be a list of resolver names"),
+    bad(ident({"order": ["config", "ldap"]}), "identity.order: unknown resolver(s) ldap"),
+    bad(ident({"order": ["config"], "user": 42}), "identity.user must be a string"),
+    bad(ident({"order": ["notebook_tag"], "owner_tag": ["o"]}), "identity.owner_tag must be a string"),
+    bad(ident(rules={"a": 1}), "mapping.rules must be a list of rule objects, not dict"),
+    bad(ident(rules=["x"]), "mapping.rules[1] must be an object with 'table', 'regex' or 'template'"),
+    bad(ident(rules=[{}]), "mapping.rules[1] has none of 'table', 'regex', 'template'"),
+    bad(ident(rules=[{"regex": "(", "principal": "{name}@KERB.TEST"}]), "mapping.rules[1].regex '(' does not compile"),
+    bad(ident(rules=[{"regex": 5, "principal": "x@KERB.TEST"}]), "mapping.rules[1].regex must be a string"),
+    bad(ident(rules=[{"regex": "^(?P<u>.*)$"}]), "mapping.rules[1].principal (the template of the result) is required"),
+    bad(ident(rules=[{"regex": "^(?P<u>.*)$", "principal": "{user}@KERB.TEST"}]),
+        "mapping.rules[1].principal '{user}@KERB.TEST' uses {user}"),
+    bad(ident(rules=[{"template": 5}]), "mapping.rules[1].template must be a string, not int 5"),
+    bad(ident(rules=[{"template": "{local.upper}@KERB.TEST"}]), "uses {local.upper}; allowed: {domain}, {local}"),
+    bad(ident(rules=[{"template": "{local}@KERB.TEST", "case": "title"}]),
+        "mapping.rules[1].case must be keep, lower or upper, not 'title'"),
+    bad(ident(rules=[{"template": "{local}@KERB.TEST", "domain": 1}]), "mapping.rules[1].domain must be a string"),
+    bad(ident(rules=[{"table": ["alice"]}]), "mapping.rules[1].table must be an object of identity -> principal"),
+    bad(ident(rules=[{"table": {"alice@example.com": 1}}]), "mapping.rules[1].table must be an object"),
+    bad(ident(rules=[{"table": {}, "case_insensitive": "yes"}]), "mapping.rules[1].case_insensitive must be true"),
+    bad({"clusters": {"a": {"host": "h", "options": ["x"]}}}, "clusters.a.options must be an object"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_VALUES)
+async def test_each_kind_of_bad_value_is_an_error_state_naming_it(overrides, message, kj_config, sandbox,
+                                                                 jp_serverapp, jp_fetch):
+    """The configuration is rewritten after the server read a good one; a renew request applies the edit."""
+    from conftest import write_config
+
+    await start_extensions(jp_serverapp)
+    await wait_state(jp_fetch, "valid")
+    write_config(kj_config, sandbox, **overrides)
+    try:
+        await jp_fetch("kerb-jupyter", "api", "renew", method="POST", body=b"")
+    except HTTPClientError as err:
+        assert err.code == 409, err
+        body = json.loads(err.response.body)
+        assert body["error"]["code"] == "not_configured" and message in body["error"]["message"]
+    else:
+        raise AssertionError("a renew request with a broken configuration answered 200")
+    doc = json.loads((await jp_fetch("kerb-jupyter", "api", "status")).body)
+    assert doc["state"] == "error" and message in doc["last_error"]["message"], doc
+    page = await jp_fetch("kerb-jupyter/")  # the page stays up
+    assert page.code == 200
+
+
+async def test_a_bad_value_at_start_up_then_fixed_without_a_restart(kj_config, sandbox, jp_serverapp, jp_fetch):
+    from conftest import write_config
+
+    write_config(kj_config, sandbox, source={"type": "keytab", "keytab": 42})
+    from helpers import extension
+
+    ext = extension(jp_serverapp)
+    ext._configure()  # the server read the broken file at start-up
+    await start_extensions(jp_serverapp)
+    doc = json.loads((await jp_fetch("kerb-jupyter", "api", "status")).body)
+    assert doc["state"] == "error" and "source.keytab must be a string" in doc["last_error"]["message"]
+    write_config(kj_config, sandbox)
+    r = await jp_fetch("kerb-jupyter", "api", "renew", method="POST", body=b"")
+    assert r.code == 200 and json.loads(r.body)["state"] == "valid"
 
 
 async def test_one_start_up_line_says_what_it_will_do_and_no_secret(caplog, jp_serverapp, sandbox):

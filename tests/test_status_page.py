@@ -100,5 +100,11 @@ async def test_status_page_turns_red_when_the_kdc_rejects_us(jp_serverapp, jp_fe
             assert await page.text_content("#headline") == "Needs attention"
             assert "nobody@KERB.TEST" in await page.text_content("#error")
             assert await page.is_visible("#error")
+            assert "-1765" not in await page.text_content("#error")  # words, not krb5 numbers
+            # Renew now after rejected credentials: the reason, and no new request to the KDC.
+            await page.click("#renew")
+            await page.wait_for_function("document.getElementById('renew-result').textContent !== ''")
+            said = await page.text_content("#renew-result")
+            assert "nobody@KERB.TEST" in said and "to protect the account from lockout" in said
         finally:
             await browser.close()
