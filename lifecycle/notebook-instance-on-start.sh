@@ -68,12 +68,12 @@ system_packages() {
     # shellcheck disable=SC1091
     say "system: $(. /etc/os-release 2>/dev/null && echo "${PRETTY_NAME:-unknown}"), package manager: ${pm:-none}"
     command -v kinit >/dev/null || missing+=(krb5-workstation)
-    ldconfig -p | grep -q 'libgssapi_krb5.so.2 ' || missing+=(krb5-libs)
+    ldconfig -p | grep 'libgssapi_krb5.so.2 ' >/dev/null || missing+=(krb5-libs)
     ((${#missing[@]})) || { say "Kerberos client packages present"; return 0; }
     [ -n "$pm" ] || fail "missing ${missing[*]} and neither dnf nor yum is available"
     say "$pm install ${missing[*]}"
     if ! timeout 120 "$pm" install -y -q "${missing[@]}"; then
-        ldconfig -p | grep -q 'libgssapi_krb5.so.2 ' || fail "$pm could not install ${missing[*]} (no repository access?)"
+        ldconfig -p | grep 'libgssapi_krb5.so.2 ' >/dev/null || fail "$pm could not install ${missing[*]} (no repository access?)"
         say "warning: $pm could not install ${missing[*]}; the libraries are present, going on"
     fi
 }

@@ -46,7 +46,7 @@ Distribution image; install kerb_jupyter into the image instead"
 
 missing=()
 command -v kinit >/dev/null || missing+=(krb5-user)
-ldconfig -p 2>/dev/null | grep -q 'libgssapi_krb5.so.2 ' || missing+=(libgssapi-krb5-2)
+ldconfig -p 2>/dev/null | grep 'libgssapi_krb5.so.2 ' >/dev/null || missing+=(libgssapi-krb5-2)
 if ((${#missing[@]})); then
     if ! sudo -n true 2>/dev/null; then
         stop "missing ${missing[*]} and no sudo in this image: use an image with the MIT Kerberos client"
