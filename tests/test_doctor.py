@@ -181,6 +181,11 @@ def test_foreign_principal_in_the_shared_cache(healthy, sandbox):
     assert check.status == "fail" and check.data["foreign"] == f"{other}@KERB.TEST"
     assert f"holds a ticket for {other}@KERB.TEST, not for {sandbox.principal}" in check.detail
     assert "own KRB5CCNAME" in check.fix
+    # The keeper notices at its next step and puts our ticket back; the doctor then sees it.
+    keeper = TicketKeeper(sandbox.principal, KeytabSource(sandbox.keytab), healthy, healthy.parent / "state.json")
+    keeper.step()
+    again = doctor("analytics").get("ticket")
+    assert again.status == "ok" and again.data["principal"] == sandbox.principal
 
 
 def test_keeper_error_and_missing_keytab(healthy, sandbox, kj_config, tmp_path):
