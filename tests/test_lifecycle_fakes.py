@@ -52,8 +52,8 @@ def image():
 mount --make-rprivate /
 mount -t tmpfs tmpfs /home
 if [ -d /root/.pyenv ]; then
-    mkdir -p /mnt/kj-pyenv && mount --bind /root/.pyenv /mnt/kj-pyenv
-    mount -t tmpfs -o mode=0755 tmpfs /root && mkdir /root/.pyenv && mount --move /mnt/kj-pyenv /root/.pyenv
+    mkdir -p {base}/pyenv && mount --bind /root/.pyenv {base}/pyenv
+    mount -t tmpfs -o mode=0755 tmpfs /root && mkdir /root/.pyenv && mount --move {base}/pyenv /root/.pyenv
 fi
 mkdir -p {a} && mount --bind {base}/anaconda3 {a}
 {sys._base_executable} -m venv {a}/envs/JupyterSystemEnv

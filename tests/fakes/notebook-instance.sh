@@ -13,8 +13,8 @@ out="$work/out"
 mkdir -p "$out" "$work/SageMaker"
 mount --make-rprivate /
 if [ -d /root/.pyenv ]; then  # this machine's Python lives under /root (0700): expose just it, as an image would
-    mkdir -p /mnt/kj-pyenv && mount --bind /root/.pyenv /mnt/kj-pyenv
-    mount -t tmpfs -o mode=0755 tmpfs /root && mkdir /root/.pyenv && mount --move /mnt/kj-pyenv /root/.pyenv
+    mkdir -p "$work/pyenv" && mount --bind /root/.pyenv "$work/pyenv"
+    mount -t tmpfs -o mode=0755 tmpfs /root && mkdir /root/.pyenv && mount --move "$work/pyenv" /root/.pyenv
 fi
 
 boot() {  # n

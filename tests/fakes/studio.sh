@@ -11,8 +11,8 @@ out="$work/out"
 mkdir -p "$out" "$work/home"
 mount --make-rprivate /
 if [ -d /root/.pyenv ]; then  # this machine's Python lives under /root (0700): expose just it, as an image would
-    mkdir -p /mnt/kj-pyenv && mount --bind /root/.pyenv /mnt/kj-pyenv
-    mount -t tmpfs -o mode=0755 tmpfs /root && mkdir /root/.pyenv && mount --move /mnt/kj-pyenv /root/.pyenv
+    mkdir -p "$work/pyenv" && mount --bind /root/.pyenv "$work/pyenv"
+    mount -t tmpfs -o mode=0755 tmpfs /root && mkdir /root/.pyenv && mount --move "$work/pyenv" /root/.pyenv
 fi
 H=/home/sagemaker-user
 container_env=(HOME="$H" PATH=/opt/conda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
