@@ -1,4 +1,4 @@
-"""The ``kerb-jupyter`` command: ``sandbox`` (demo realm + database [+ JupyterLab]) and ``status``."""
+"""The ``kerb-jupyter`` command: ``sandbox`` (demo realm + database [+ JupyterLab]), ``status``, ``doctor``."""
 
 from __future__ import annotations
 
@@ -44,10 +44,32 @@ def main(argv: list[str] | None = None) -> int:
     kc.add_argument("--kdc", action="append", required=True, help="a domain controller host[:port]; repeat")
     kc.add_argument("--domain", action="append", default=[], help="DNS domain mapped to the realm; repeat "
                     "(default: the realm in lower case; .rds.amazonaws.com is always mapped, for Aurora)")
+    kc.add_argument("--admin-server", help="admin and kpasswd server (default: the first --kdc)")
+    kc.add_argument("--trusted-realm", action="append", default=[], metavar="REALM=KDC[,KDC]",
+                    help="an on-premises realm the AD realm trusts (adds [realms] and [capaths]); repeat")
+    dr = sub.add_parser("doctor", help="check everything between installed and working; non-zero exit on failure")
+    dr.add_argument("clusters", nargs="*", metavar="CLUSTER", help="clusters to check (default: all configured)")
+    dr.add_argument("--json", action="store_true", help="machine-readable output")
+    dr.add_argument("--config", help="configuration file (default: $KERB_JUPYTER_CONFIG or "
+                    "~/.jupyter/kerb_jupyter.json)")
+    dr.add_argument("--timeout", type=float, default=3.0, help="seconds per network probe (default 3)")
+    dr.add_argument("--only", choices=["extension"], help="run one check only (lifecycle scripts use 'extension')")
+    wh = sub.add_parser("wheelhouse", help="build every wheel kerb_jupyter needs into DIR, for installs with no "
+                        "compiler and no internet")
+    wh.add_argument("dir", help="directory to fill (created if missing)")
+    wh.add_argument("--spec", default="", help="what to build (default: this installed kerb_jupyter's own wheel "
+                    "plus its dependencies)")
     bk = sub.add_parser("broker", help="run the credential broker (S4U tickets for AWS-verified callers)")
     bk.add_argument("--config", required=True, help="the broker's JSON configuration (see the README)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "doctor":
+            return run_doctor_command(args)
+        if args.command == "wheelhouse":
+            from .wheelhouse import build_wheelhouse
+
+            build_wheelhouse(Path(args.dir), args.spec or None)
+            return 0
         if args.command == "broker":
             from .broker.app import run as run_broker
 
@@ -56,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sandbox":
             return run_sandbox(args)
         if args.command == "krb5-conf":
-            print(krb5_conf(args.realm, args.kdc, args.domain), end="")
+            print(krb5_conf(args.realm, args.kdc, args.domain, args.admin_server, args.trusted_realm), end="")
             return 0
         return show_status(args.json)
     except KerbJupyterError as err:
@@ -125,38 +147,73 @@ def _start_lab(sandbox: Sandbox | BrokerSandbox, port: int) -> subprocess.Popen[
 _HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 
 
-def krb5_conf(realm: str, kdcs: list[str], domains: list[str]) -> str:
-    """A client krb5.conf as Aurora + AWS Managed Microsoft AD want it. Raises ConfigError on odd input."""
+def krb5_conf(realm: str, kdcs: list[str], domains: list[str], admin_server: str | None = None,
+              trusted: list[str] | None = None) -> str:
+    """A client krb5.conf as Aurora + AWS Managed Microsoft AD want it. Raises ConfigError on odd input.
+
+    ``trusted``: on-premises realms trusted by the AD realm, as ``REALM=kdc[,kdc]``; each gets a [realms] entry
+    and a direct [capaths] path through the AD realm.
+    """
     from .errors import ConfigError
 
     realm = realm.upper()
-    if not re.fullmatch(r"[A-Z0-9][A-Z0-9.-]*", realm):
-        raise ConfigError(f"--realm {realm!r} is not a Kerberos realm name")
-    for host in kdcs + domains:
-        if not _HOST.match(host.lstrip(".")):
+    other: dict[str, list[str]] = {}
+    for spec in trusted or []:
+        name, _, hosts = spec.partition("=")
+        other[name.upper()] = [h for h in hosts.split(",") if h]
+    for name in [realm, *other]:
+        if not re.fullmatch(r"[A-Z0-9][A-Z0-9.-]*", name):
+            raise ConfigError(f"{name!r} is not a Kerberos realm name")
+    for host in kdcs + domains + [admin_server or ""] + [h for hs in other.values() for h in hs]:
+        if host and not _HOST.match(host.lstrip(".")):
             raise ConfigError(f"{host!r} is not a host name")
     maps = [*(domains or [realm.lower()]), ".rds.amazonaws.com"]
     mapping = "\n".join(f"    {d if d.startswith('.') else '.' + d} = {realm}\n    {d.lstrip('.')} = {realm}"
                         for d in maps)
-    kdc_lines = "\n".join(f"        kdc = {k}" for k in kdcs)
+    admin = admin_server or kdcs[0].split(":")[0]
+    blocks = [f"    {realm} = {{\n" + "".join(f"        kdc = {k}\n" for k in kdcs)
+              + f"        admin_server = {admin}\n        kpasswd_server = {admin}\n    }}"]
+    blocks += [f"    {name} = {{\n" + "".join(f"        kdc = {k}\n" for k in hosts) + "    }"
+               for name, hosts in other.items()]
+    capaths = ""
+    if other:
+        paths = [f"    {name} = {{\n        {realm} = .\n    }}\n" for name in other]
+        paths.append(f"    {realm} = {{\n" + "".join(f"        {name} = .\n" for name in other) + "    }\n")
+        capaths = "\n[capaths]\n" + "".join(paths)
+    aes = "aes256-cts-hmac-sha1-96 aes128-cts-hmac-sha1-96"
     return f"""[libdefaults]
     default_realm = {realm}
     dns_lookup_kdc = false
     dns_lookup_realm = false
+    dns_canonicalize_hostname = false
     rdns = false
     forwardable = true
     renew_lifetime = 7d
     ticket_lifetime = 10h
     udp_preference_limit = 1
+    default_tkt_enctypes = {aes}
+    default_tgs_enctypes = {aes}
+    permitted_enctypes = {aes}
 
 [realms]
-    {realm} = {{
-{kdc_lines}
-    }}
+{chr(10).join(blocks)}
 
 [domain_realm]
 {mapping}
-"""
+{capaths}"""
+
+
+def run_doctor_command(args: argparse.Namespace) -> int:
+    from .doctor import Report, run_doctor
+    from .doctor_checks import find_servers, server_check
+
+    if args.only == "extension":  # lifecycle scripts: exit 0 only when a running server has it loaded
+        check = server_check(find_servers(), args.timeout)
+        print(json.dumps(check.as_dict()) if args.json else repr(Report([check])))
+        return 0 if check.status == "ok" else 1
+    report = run_doctor(args.clusters, args.config, timeout=args.timeout)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else repr(report))
+    return 0 if report.ok else 1
 
 
 def show_status(as_json: bool) -> int:

@@ -172,9 +172,13 @@ class KerbSqlMagics(Magics):
 
     @line_magic
     def kerbstatus(self, line: str = "") -> Any:
-        """Show the shared Kerberos ticket and what the server's keeper reports."""
+        """Show the shared Kerberos ticket and what the server's keeper reports (``--doctor``: every check)."""
         from .status import credential_status
 
+        if line.strip() == "--doctor":
+            from .doctor import run_doctor
+
+            return run_doctor()
         try:
             return credential_status(self.refresh_settings())
         except KerbJupyterError as err:

@@ -1,0 +1,186 @@
+"""The doctor's per-cluster checks (TCP, service ticket, login, transport, ``rds_ad``) and the running-server check."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import db, tickets
+from .config import ClusterConfig, Settings
+from .errors import KerbJupyterError
+from .krbprobe import Krb5Conf, tcp_open
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail | skip
+    detail: str
+    fix: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "detail": self.detail, "fix": self.fix, **self.data}
+
+
+def _c(name: str, status: str, detail: str, fix: str = "", **data: Any) -> Check:
+    return Check(name, status, detail, fix, data)
+
+
+def cluster_checks(settings: Settings, name: str, conf: Krb5Conf | None, ticket: tickets.TicketInfo | None,
+                   principal: str | None, timeout: float) -> list[Check]:
+    try:
+        cluster = settings.cluster(name)
+    except KerbJupyterError as err:
+        return [_c(f"cluster {name}", "fail", str(err), "use one of the configured names, or add the cluster "
+                      "to the configuration file's 'clusters'")]
+    where = f"{cluster.host}:{cluster.port}"
+    out = []
+    try:
+        tcp_open(cluster.host, cluster.port, timeout)
+        out.append(_c(f"{name}.tcp", "ok", f"{where} accepts connections"))
+    except OSError as err:
+        reason = "refused (nothing listens)" if isinstance(err, ConnectionRefusedError) else (str(err) or "timeout")
+        return [*out, _c(f"{name}.tcp", "fail", f"cannot reach {where}: {reason}",
+                            "check the endpoint and port; the notebook's security group must reach the cluster's, "
+                            "and the cluster must be running")]
+    if ticket is None:
+        return [*out, _c(f"{name}.service_ticket", "skip", "no valid ticket in the shared cache (see above)")]
+    out.append(service_ticket_check(cluster, conf, ticket))
+    if out[-1].status == "fail":
+        return out
+    out.extend(login_checks(cluster, principal or ticket.principal, settings, ticket.cache))
+    return out
+
+
+def service_ticket_check(cluster: ClusterConfig, conf: Krb5Conf | None, ticket: tickets.TicketInfo) -> Check:
+    """Ask the KDC for the cluster's service ticket, the way libpq will, and name the SPN asked for."""
+    import gssapi
+
+    realm = conf.realm_for_host(cluster.host) if conf else None
+    spn = f"{cluster.krbsrvname}/{cluster.host}@{realm or '<default realm>'}"
+    canon_mode = (conf.libdefaults.get("dns_canonicalize_hostname", "true") if conf else "true").lower()
+    if canon_mode == "false":
+        canon = f"host name used as typed (dns_canonicalize_hostname = false): {cluster.host}"
+    else:
+        try:
+            canonical = socket.getaddrinfo(cluster.host, None, flags=socket.AI_CANONNAME)[0][3] or cluster.host
+        except OSError:
+            canonical = cluster.host
+        canon = f"dns_canonicalize_hostname = {canon_mode}: {cluster.host} canonicalises to {canonical}"
+    name = f"{cluster.name}.service_ticket"
+    try:
+        target = gssapi.Name(f"{cluster.krbsrvname}@{cluster.host}", gssapi.NameType.hostbased_service)
+        creds = gssapi.Credentials(usage="initiate", store={b"ccache": f"FILE:{ticket.cache}".encode()})
+        gssapi.SecurityContext(name=target, creds=creds, usage="initiate", mech=gssapi.MechType.kerberos).step()
+    except gssapi.raw.misc.GSSError as err:
+        text = err.gen_message() if hasattr(err, "gen_message") else str(err)
+        if "not found in Kerberos database" in text:
+            return _c(name, "fail", f"the KDC has no service principal {spn} ({canon})",
+                         "use the host name the SPN was registered for (the cluster endpoint, not an IP or a CNAME) "
+                         "and the right krbsrvname; on Aurora the SPN is created when the cluster joins the "
+                         "directory", spn=spn)
+        if "Cannot contact any KDC" in text or "Cannot find KDC" in text:
+            return _c(name, "fail", f"cannot reach a KDC for {spn}: {text}",
+                         "check krb5.conf's [realms] and [domain_realm] (the database host must map to the realm)",
+                         spn=spn)
+        return _c(name, "fail", f"no service ticket for {spn}: {text}", "see the ticket and KDC checks above",
+                     spn=spn)
+    return _c(name, "ok", f"service ticket for {spn} ({canon})", spn=spn)
+
+
+def login_checks(cluster: ClusterConfig, principal: str, settings: Settings, cache: str) -> list[Check]:
+    name = cluster.name
+    saved = os.environ.get("KRB5CCNAME")
+    os.environ["KRB5CCNAME"] = f"FILE:{cache}"  # libpq reads it per connection: the shared cache, as kernels do
+    try:
+        conn = db.connect(cluster, principal, settings)
+    except KerbJupyterError as err:
+        fix = "see the error; a missing login role is the common case"
+        if err.code == "auth_failed":
+            fix = (f'ask the DBA for a login role named exactly "{cluster.user or principal}" (realm in upper case): '
+                   f'CREATE USER "{cluster.user or principal}" WITH LOGIN; GRANT rds_ad TO it on Aurora/RDS')
+        return [_c(f"{name}.login", "fail", str(err), fix, code=err.code)]
+    finally:
+        if saved is None:
+            os.environ.pop("KRB5CCNAME", None)
+        else:
+            os.environ["KRB5CCNAME"] = saved
+    with conn:
+        user = conn.execute("SELECT current_user").fetchone()
+        gss = conn.execute("SELECT gss_authenticated, encrypted FROM pg_stat_gssapi "
+                           "WHERE pid = pg_backend_pid()").fetchone()
+        ssl = conn.execute("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
+        has_rds_ad = conn.execute("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_ad')").fetchone()
+        member = (conn.execute("SELECT pg_has_role(current_user, 'rds_ad', 'member')").fetchone()
+                  if has_rds_ad and has_rds_ad[0] else None)
+    current = user[0] if user else "?"
+    out = [_c(f"{name}.login", "ok", f"logged in as {current!r}"
+                 + (" with Kerberos" if gss and gss[0] else " (NOT authenticated by Kerberos)"),
+                 current_user=current, gss_authenticated=bool(gss and gss[0]))]
+    if gss and gss[1]:
+        out.append(_c(f"{name}.transport", "ok", "GSS encryption in use", encryption="gss"))
+    elif ssl and ssl[0]:
+        out.append(_c(f"{name}.transport", "ok", f"TLS in use ({ssl[1]})", encryption="tls"))
+    else:
+        out.append(_c(f"{name}.transport", "warn", "the connection is not encrypted",
+                         "set sslmode=require (fast) or gssencmode=require for the cluster", encryption="none"))
+    if member is None:
+        out.append(_c(f"{name}.rds_ad", "skip", "no rds_ad role on this server (not Aurora/RDS)"))
+    else:
+        ok = bool(member[0])
+        out.append(_c(f"{name}.rds_ad", "ok" if ok else "warn",
+                         f"{current} is {'a' if ok else 'NOT a'} member of rds_ad",
+                         "" if ok else f'GRANT rds_ad TO "{current}" (Kerberos logins on RDS need it)'))
+    return out
+
+
+def find_servers(runtime_dir: Path | None = None) -> list[dict[str, Any]]:
+    """The running Jupyter servers' info files (``jpserver-*.json``) whose process is alive."""
+    if runtime_dir is None:
+        from jupyter_core.paths import jupyter_runtime_dir
+
+        runtime_dir = Path(jupyter_runtime_dir())
+    found = []
+    for path in sorted(runtime_dir.glob("jpserver-*.json")):
+        try:
+            info = json.loads(path.read_text())
+            os.kill(int(info["pid"]), 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append(info)
+    return found
+
+
+def server_check(servers: list[dict[str, Any]], timeout: float) -> Check:
+    """Ask each running server for the extension's status endpoint: 200 means it is loaded."""
+    if not servers:
+        return _c("extension", "warn", "no running Jupyter server found in the runtime directory",
+                     "run the doctor where the server runs (same user, same JUPYTER_RUNTIME_DIR), or start it", pids=[])
+    results, loaded_in = [], []
+    for info in servers:
+        url = str(info.get("url", "")).rstrip("/") + "/kerb-jupyter/api/status"
+        request = urllib.request.Request(url)  # noqa: S310 - a local server's own URL
+        if info.get("token"):
+            request.add_header("Authorization", f"token {info['token']}")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
+                doc = json.loads(resp.read())
+            loaded_in.append(info.get("pid"))
+            results.append((True, f"loaded in the server pid {info.get('pid')} ({info.get('version', '?')}), "
+                                  f"its keeper is {doc.get('state')!r}"))
+        except urllib.error.HTTPError as err:
+            loaded = err.code != 404
+            results.append((loaded, f"server pid {info.get('pid')} answers {err.code} at {url}"))
+        except (OSError, ValueError) as err:
+            results.append((False, f"server pid {info.get('pid')} at {url}: {err}"))
+    ok = any(r[0] for r in results)
+    return _c("extension", "ok" if ok else "fail", "; ".join(r[1] for r in results),
+                 "" if ok else "enable it (`jupyter server extension enable kerb_jupyter`) in the server's env, "
+                 "then restart the server; check the server log for an import error", pids=loaded_in)
