@@ -31,7 +31,9 @@ os.environ.update(json.load(open(sys.argv[3]))["env"])
 if sys.argv[4] == "server":  # what the server extension exports to the kernels it starts
     from kerb_jupyter.config import load_settings
     os.environ["KRB5CCNAME"] = f"FILE:{load_settings().cache_path}"
-NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True, resources={"metadata": {"path": os.environ["HOME"]}}).execute()
+client = NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
+                        resources={"metadata": {"path": os.environ["HOME"]}})
+client.execute()
 nbformat.write(nb, sys.argv[2])
 print("executed", flush=True)
 """
@@ -80,7 +82,6 @@ def test_the_demo_notebook_runs_as_an_unprivileged_user(kernel):
     account = pwd.getpwnam(user)
     python = user_python(user)
     work = Path(tempfile.mkdtemp(prefix="kj-demo-"))
-    os.chmod(work, 0o755)
     shutil.copy(DEMO, work / "demo.ipynb")
     for path in (work, work / "demo.ipynb"):
         os.chown(path, account.pw_uid, account.pw_gid)
