@@ -4,7 +4,9 @@ enforces it (``trusted``) or the user or an admin merely claims it.
 Resolvers, tried in the configured order (first answer wins):
 
 - ``config``: ``identity.user`` in the configuration file (claimed);
-- ``jupyterhub``: ``JUPYTERHUB_USER``, set by the hub that authenticated the user (trusted);
+- ``jupyterhub``: the user the hub's API names for this server's token (``GET $JUPYTERHUB_API_URL/user`` with
+  ``JUPYTERHUB_API_TOKEN``; trusted), which must equal ``JUPYTERHUB_USER``; without the API URL and token, the
+  bare ``JUPYTERHUB_USER`` variable (claimed: anyone can set it);
 - ``studio_space``: SageMaker Studio: the space in ``resource-metadata.json`` -> ``DescribeSpace`` owner
   profile -> ``DescribeUserProfile`` Identity Center user name (trusted: set by SageMaker);
 - ``notebook_tag``: a notebook instance's owner tag, read with ``ListTags`` (claimed: whoever may tag can change it);
@@ -17,7 +19,8 @@ A resolver that does not apply returns None with a reason; one that applies but 
 Names are taken as given, never normalised: plain ASCII letters, digits and ``. _ @ + = , -`` only, so no
 look-alike character (Kelvin sign, long s, dotless i...) can stand for another user's name.
 ``identity.require_trusted_identity`` (true, false or "auto", the default: on when the platform gives an
-enforced source, i.e. ``JUPYTERHUB_USER`` is set or this is a Studio space) skips answers AWS does not enforce.
+enforced source, i.e. the hub's API URL and token are set or this is a Studio space) skips answers AWS (or the
+hub) does not enforce.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +42,7 @@ from .errors import ConfigError, IdentityError
 DEFAULT_ORDER = ("config", "jupyterhub", "studio_space", "notebook_tag", "sts")
 DEFAULT_METADATA = "/opt/ml/metadata/resource-metadata.json"
 MAX_NAME = 256
+HUB_TIMEOUT = 10.0  # seconds for the hub API's answer
 SPEC_KEYS = {"order", "user", "region", "metadata_file", "owner_tag", "notebook_arn", "require_trusted_identity",
              "sso_accounts"}
 # re.ASCII everywhere: without it \w, \d and IGNORECASE accept Unicode look-alikes of ASCII letters.
@@ -84,6 +91,43 @@ def validate_name(value: Any, what: str) -> str:
     return value
 
 
+def hub_api_settings() -> tuple[str, str] | None:
+    """``(JUPYTERHUB_API_URL, JUPYTERHUB_API_TOKEN)`` when the hub gave this server both, else None."""
+    url, token = os.environ.get("JUPYTERHUB_API_URL"), os.environ.get("JUPYTERHUB_API_TOKEN")
+    return (url.rstrip("/"), token) if url and token else None
+
+
+def hub_token_owner(api_url: str, token: str, timeout: float = HUB_TIMEOUT) -> str:
+    """The user name the hub's ``GET {api_url}/user`` gives for ``token`` (the single-user server's own).
+
+    Raises IdentityError: ``hub_unreachable`` when the hub does not answer, ``hub_refused`` when it refuses the
+    token or answers with something that is not a user. The token never appears in a message."""
+    parts = urllib.parse.urlsplit(api_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise IdentityError(f"JUPYTERHUB_API_URL {api_url[:80]!r} is not an http(s) URL", code="hub_refused")
+    headers = {"Authorization": f"token {token}", "Accept": "application/json"}
+    request = urllib.request.Request(f"{api_url}/user", headers=headers)  # noqa: S310 (scheme checked above)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 (scheme checked above)
+            body = resp.read(1 << 20)
+    except urllib.error.HTTPError as err:
+        raise IdentityError(f"the hub at {api_url} refused this server's token (HTTP {err.code}) when asked who "
+                            "owns it", code="hub_refused") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise IdentityError(f"cannot ask the hub at {api_url} who this server's user is: {reason}",
+                            code="hub_unreachable") from None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise IdentityError(f"the hub at {api_url} answered GET /user with something that is not JSON",
+                            code="hub_refused") from None
+    if not isinstance(doc, dict) or doc.get("kind", "user") != "user" or not isinstance(doc.get("name"), str):
+        raise IdentityError(f"the hub at {api_url} says this server's token does not belong to a user",
+                            code="hub_refused")
+    return str(doc["name"])
+
+
 def validate_spec(spec: Any) -> dict[str, Any]:
     """Check the ``identity`` section's keys and value types. Raises ConfigError naming the key."""
     if not isinstance(spec, dict):
@@ -128,7 +172,7 @@ class IdentityResolver:
         mode = self.spec.get("require_trusted_identity", "auto")
         if mode != "auto":
             return bool(mode)
-        if os.environ.get("JUPYTERHUB_USER"):
+        if hub_api_settings() is not None:
             return True
         meta = self._metadata()
         return bool(meta and meta.get("SpaceName") and meta.get("DomainId"))
@@ -163,7 +207,17 @@ class IdentityResolver:
         user = os.environ.get("JUPYTERHUB_USER")
         if not user:
             return None, "JUPYTERHUB_USER is not set"
-        return Identity(validate_name(user, "JUPYTERHUB_USER"), "jupyterhub", trusted=True), ""
+        claimed = validate_name(user, "JUPYTERHUB_USER")
+        api = hub_api_settings()
+        if api is None:
+            return Identity(claimed, "jupyterhub", trusted=False,
+                            detail="JUPYTERHUB_USER only: no JUPYTERHUB_API_URL and JUPYTERHUB_API_TOKEN to confirm "
+                                   "it with the hub"), ""
+        name = validate_name(hub_token_owner(*api), "the user the hub names")
+        if name != claimed:
+            raise IdentityError(f"JUPYTERHUB_USER is {claimed!r} but the hub says this server's token belongs to "
+                                f"{name!r}: refused", code="identity_mismatch")
+        return Identity(name, "jupyterhub", trusted=True, detail=f"confirmed by the hub at {api[0]}"), ""
 
     def _metadata(self) -> dict[str, Any] | None:
         path = Path(self.spec.get("metadata_file", DEFAULT_METADATA))

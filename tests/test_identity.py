@@ -172,10 +172,12 @@ def test_require_trusted_identity_defaults_on_where_the_platform_enforces_one(mo
         IdentityResolver({**spec, "require_trusted_identity": True}).resolve()
     assert err.value.code == "untrusted_identity"
     assert "'carol' is claimed, not enforced by AWS, and require_trusted_identity is on" in str(err.value)
-    # On JupyterHub "auto" is on: the hub's user wins over a claimed identity.user placed first.
+    # JUPYTERHUB_USER alone (no hub API to confirm it) is claimed and turns nothing on: identity.user placed first
+    # still wins (tests/test_jupyterhub.py: with the hub's API, "auto" is on and the hub's user wins).
     monkeypatch.setenv("JUPYTERHUB_USER", "hubuser")
+    monkeypatch.delenv("JUPYTERHUB_API_URL", raising=False)
     who = IdentityResolver(spec).resolve()
-    assert (who.name, who.source, who.trusted) == ("hubuser", "jupyterhub", True)
+    assert (who.name, who.source, who.trusted) == ("carol", "config", False)
     # In a Studio space too (its metadata file names the space).
     monkeypatch.delenv("JUPYTERHUB_USER")
     meta = tmp_path / "studio.json"
