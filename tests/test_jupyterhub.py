@@ -16,7 +16,7 @@ from kerb_jupyter import IdentityError
 from kerb_jupyter.identity import IdentityResolver
 from kerb_jupyter.sandbox.procs import free_port
 
-TOKEN = "s3cret-server-token"  # noqa: S105 (a test token; the point is that it never shows)
+TOKEN = "s3cret-server-token"  # a test token: the point is that it never shows
 
 
 class HubAPI:
