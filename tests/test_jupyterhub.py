@@ -4,18 +4,32 @@ kerb_jupyter reports that user as enforced by the hub."""
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+from unprivileged import ROOT, user_python
 
 from kerb_jupyter import IdentityError
 from kerb_jupyter.identity import IdentityResolver
 from kerb_jupyter.sandbox.procs import free_port
 
+HUB_CONFIG = ROOT / "jupyterhub" / "jupyterhub_config.py"
 TOKEN = "s3cret-server-token"  # a test token: the point is that it never shows
 
 
@@ -123,3 +137,123 @@ def test_without_the_hub_api_jupyterhub_user_is_only_claimed(hub, tmp_path, monk
     with pytest.raises(IdentityError, match="'hubuser' is claimed") as err:
         resolve(tmp_path, require_trusted_identity=True)
     assert err.value.code == "untrusted_identity"
+
+
+def _wait_for_status(browser: Browser, hub: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
+    """Log in through the hub's form (which spawns the server), then the user's kerb_jupyter status once the
+    keeper holds a ticket. Fails with the hub's log if the hub dies or nothing comes."""
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        if hub.poll() is not None:
+            pytest.fail(f"the hub exited ({hub.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            browser.login(HUB_USER, HUB_PASSWORD)
+            break
+        except (OSError, StopIteration):
+            time.sleep(0.5)
+    last = ""
+    while time.monotonic() < deadline:
+        # A page first, as a browser would: the user's server sends it through the hub's OAuth and sets its cookie.
+        browser.get(f"/user/{HUB_USER}/kerb-jupyter/")
+        if hub.poll() is not None:
+            pytest.fail(f"the hub exited ({hub.returncode}):\n{log.read_text()[-4000:]}")
+        code, kind, body = browser.get(f"/user/{HUB_USER}/kerb-jupyter/api/status")
+        last = f"{code} {kind} {body[:300]}"
+        if code == 200 and kind.startswith("application/json"):
+            doc: dict[str, Any] = json.loads(body)
+            if doc.get("expires_at") or doc.get("state") == "error":
+                return doc
+        time.sleep(1)
+    pytest.fail(f"no kerb_jupyter status from the user's server; last answer {last}\n{log.read_text()[-4000:]}")
+
+
+# -- a real hub ------------------------------------------------------------------------------------------------
+HUB_USER, HUB_PASSWORD = "kjhubuser", "kj-Hub-pw-42"
+
+
+@pytest.fixture
+def unix_user() -> Iterator[pwd.struct_passwd]:
+    """A real Unix account with a password (PAM logs it in), removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the hub spawns each user's server as that user")
+    created = subprocess.run(["id", HUB_USER], capture_output=True).returncode != 0
+    if created:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", HUB_USER], check=True)
+    subprocess.run(["chpasswd"], input=f"{HUB_USER}:{HUB_PASSWORD}\n", text=True, check=True)
+    yield pwd.getpwnam(HUB_USER)
+    if created:
+        subprocess.run(["userdel", "--remove", HUB_USER], capture_output=True)
+
+
+class Browser:
+    """A cookie-keeping HTTP client that follows redirects, as a browser does (urllib's opener)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+
+    def get(self, path: str) -> tuple[int, str, str]:
+        try:
+            with self.opener.open(self.base + path, timeout=30) as resp:
+                return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers.get("Content-Type", ""), err.read().decode(errors="replace")
+
+    def login(self, user: str, password: str) -> str:
+        self.get("/hub/login")
+        xsrf = next(c.value for c in self.jar if c.name == "_xsrf")
+        form = urllib.parse.urlencode({"username": user, "password": password, "_xsrf": xsrf}).encode()
+        with self.opener.open(self.base + "/hub/login?next=", data=form, timeout=120) as resp:
+            return resp.geturl()
+
+
+def test_a_real_hub_spawns_a_server_whose_identity_the_hub_enforces(sandbox, unix_user, tmp_path):
+    if shutil.which("configurable-http-proxy") is None:
+        pytest.fail("configurable-http-proxy is not installed: run scripts/setup (npm install -g)")
+    python = user_python(HUB_USER)
+    home = Path(unix_user.pw_dir)
+    # What the admin provides for the user: the realm's krb5.conf, kerb_jupyter's configuration (identity from
+    # the hub, mapped to a principal) and, for this test, a keytab the user owns as the credential source.
+    conf_dir = home / "kj"
+    conf_dir.mkdir(exist_ok=True)
+    shutil.copy(sandbox.realm.krb5_conf, conf_dir / "krb5.conf")
+    shutil.copy(sandbox.keytab, conf_dir / "user.keytab")
+    (conf_dir / "config.json").write_text(json.dumps({
+        "identity": {"order": ["jupyterhub"]},
+        "mapping": {"rules": [{"table": {HUB_USER: sandbox.principal}}]},
+        "source": {"type": "keytab", "keytab": str(conf_dir / "user.keytab")},
+        "state_dir": str(home / "kj-state"),
+        "clusters": {name: sandbox.cluster_config(name) for name in sandbox.servers},
+    }))
+    for path in (conf_dir, *conf_dir.iterdir()):
+        os.chown(path, unix_user.pw_uid, unix_user.pw_gid)
+    os.chmod(conf_dir / "user.keytab", 0o600)
+    port, hub_port, proxy_port = free_port(), free_port(), free_port()
+    (tmp_path / "local_config.py").write_text(  # the example configuration, plus this test's ports and files
+        f"load_subconfig({str(HUB_CONFIG)!r})\n"
+        f"c.JupyterHub.hub_bind_url = 'http://127.0.0.1:{hub_port}'\n"
+        f"c.ConfigurableHTTPProxy.api_url = 'http://127.0.0.1:{proxy_port}'\n"
+        f"c.JupyterHub.db_url = 'sqlite:///{tmp_path}/hub.sqlite'\n"
+        f"c.JupyterHub.cookie_secret_file = '{tmp_path}/cookie_secret'\n"
+        f"c.ConfigurableHTTPProxy.pid_file = '{tmp_path}/proxy.pid'\n")
+    env = {**os.environ, "KJ_HUB_URL": f"http://127.0.0.1:{port}", "KJ_HUB_USERS": HUB_USER,
+           "KJ_SINGLEUSER": str(python.parent / "jupyterhub-singleuser"),
+           "KJ_KRB5_CONFIG": str(conf_dir / "krb5.conf"), "KJ_CONFIG": str(conf_dir / "config.json"),
+           "KRB5_CONFIG": "/nonexistent/krb5.conf"}  # the hub's own KRB5_* must not matter to the user's server
+    log = tmp_path / "hub.log"
+    with open(log, "w") as out:
+        hub = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(tmp_path / "local_config.py")],
+                               cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        browser = Browser(f"http://127.0.0.1:{port}")
+        status = _wait_for_status(browser, hub, log)
+    finally:
+        hub.send_signal(signal.SIGTERM)
+        hub.wait(60)
+    assert status["identity"] == {"name": HUB_USER, "source": "jupyterhub", "trusted": True, "arn": None,
+                                  "detail": f"confirmed by the hub at http://127.0.0.1:{hub_port}/hub/api"}
+    assert status["principal"] == sandbox.principal and status["expires_at"]
+    assert status["state"] == "valid", status
+    # The server ran as the Unix user: the keeper's state and ticket cache are theirs.
+    assert (home / "kj-state").stat().st_uid == unix_user.pw_uid
