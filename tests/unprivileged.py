@@ -30,6 +30,8 @@ def user_python(user: str) -> Path:
 def as_user(user: str, env: dict[str, str]) -> list[str]:
     """The command prefix that runs what follows as ``user`` with exactly ``env`` (setpriv execs, so a signal
     sent to the process reaches the command itself)."""
-    return ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}", "--clear-groups", "--",
-            "env", "-i", *(f"{k}={v}" for k, v in env.items())]
+    run_env = ["env", "-i", *(f"{k}={v}" for k, v in env.items())]
+    if user == pwd.getpwuid(os.geteuid()).pw_name:
+        return run_env
+    return ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}", "--clear-groups", "--", *run_env]
 
