@@ -144,6 +144,10 @@ def conninfo(cluster: ClusterConfig, principal: str) -> dict[str, Any]:
 
 def connect(cluster: ClusterConfig, principal: str, settings: Settings | None = None) -> psycopg.Connection[Any]:
     """Open an autocommit connection. Raises TicketError or DatabaseError with an actionable message."""
+    if settings is not None and not os.environ.get("KRB5CCNAME"):
+        # A kernel the server did not start (nbclient, papermill) has no KRB5CCNAME: libpq would look in the
+        # default cache, not the shared one that check_ticket just read.
+        os.environ["KRB5CCNAME"] = f"FILE:{settings.cache_path}"
     try:
         return psycopg.connect(**conninfo(cluster, principal), autocommit=True)
     except psycopg.OperationalError as err:

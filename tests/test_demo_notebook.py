@@ -71,9 +71,7 @@ def _texts(cell: dict) -> str:
 
 @pytest.mark.parametrize("kernel", [
     "server",
-    pytest.param("standalone", marks=pytest.mark.xfail(strict=True, reason=(
-        "a kernel not started by the server (no KRB5CCNAME) shows the ticket in %kerbstatus, but libpq looks in "
-        "the default cache, so %kerbsql says 'no Kerberos ticket ... in the shared cache'"))),
+    "standalone",
 ])
 def test_the_demo_notebook_runs_as_an_unprivileged_user(kernel):
     """The kernel as the server starts it, and standalone (``jupyter execute``, papermill: no KRB5CCNAME)."""
