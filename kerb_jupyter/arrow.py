@@ -24,7 +24,7 @@ from psycopg import errors as pgerrors
 
 from .arrowtypes import ColumnPlan, Decoder, PgType, lookup_sql, plan_column, unknown_oids
 from .errors import ConfigError
-from .query import ConnectionLost, QueryOptions, Step, _bind, format_db_error, plan_cell
+from .query import ConnectionLost, QueryOptions, Step, bind_step, format_db_error, plan_cell
 from .results import Column, ResultSet
 from .sqlparse import code_words, first_keyword
 from .tagging import tag_statement
@@ -72,7 +72,7 @@ def run_copy(conn: psycopg.Connection[Any], cell: str, namespace: Mapping[str, A
     if step is None:
         raise ConfigError("this cell cannot be streamed with COPY: one SELECT/WITH/VALUES/TABLE statement, "
                           "or INSERT/UPDATE/DELETE ... RETURNING")
-    params = _bind(step, namespace)
+    params = bind_step(step, namespace)
     started = time.perf_counter()
     try:
         result = _run(conn, step, params, opts, cluster, consumer)

@@ -56,7 +56,7 @@ def run_sql(
     plan = plan_cell(cell)
     if not plan:
         raise ConfigError("the cell has no SQL statement to run")
-    prepared = [_bind(step, namespace) for step in plan]  # all names checked before anything runs
+    prepared = [bind_step(step, namespace) for step in plan]  # all names checked before anything runs
     pgtypes.prepare(conn, opts.comment)
     results: list[ResultSet] = []
     if opts.timeout:
@@ -114,7 +114,11 @@ def plan_cell(cell: str) -> tuple[Step, ...]:
     return tuple(steps)
 
 
-def _bind(step: Step, namespace: Mapping[str, Any]) -> dict[str, Any] | None:
+def bind_step(step: Step, namespace: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``:name`` values of one statement from ``namespace`` (None without names).
+
+    Raises ConfigError for a name the namespace lacks, and for NUL in a text value.
+    """
     if not step.names:
         return None
     missing = [n for n in step.names if n not in namespace]
