@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,22 @@ def _restore_environ() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@contextmanager
+def kerbsql_shell(monkeypatch: pytest.MonkeyPatch, cache: Path, config: Path) -> Iterator[Any]:
+    """A real IPython shell with kerb_jupyter loaded, using the ticket in ``cache`` and the config file ``config``."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    monkeypatch.setenv("KRB5CCNAME", f"FILE:{cache}")
+    monkeypatch.setenv("KERB_JUPYTER_CONFIG", str(config))
+    sh = InteractiveShell.instance()
+    sh.run_cell("%load_ext kerb_jupyter")
+    try:
+        yield sh
+    finally:
+        sh.run_cell("%unload_ext kerb_jupyter")
+        InteractiveShell.clear_instance()
 
 
 def write_config(path: Path, sandbox: Sandbox, **overrides: Any) -> Path:

@@ -16,8 +16,7 @@ import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_config
-from IPython.core.interactiveshell import InteractiveShell
+from conftest import kerbsql_shell, write_config
 from test_kernel_magic import kernel  # noqa: F401  # the fixture: a real kernel started by a real server
 
 from kerb_jupyter import arrow, export, tickets
@@ -31,13 +30,8 @@ def shell(sandbox, tmp_path, monkeypatch):
     cache = tmp_path / "state" / "krb5cc"
     tickets.acquire_with_keytab(sandbox.principal, sandbox.keytab, cache)
     config = write_config(tmp_path / "kerb_jupyter.json", sandbox, audit_log=str(tmp_path / "audit.jsonl"))
-    monkeypatch.setenv("KRB5CCNAME", f"FILE:{cache}")
-    monkeypatch.setenv("KERB_JUPYTER_CONFIG", str(config))
-    sh = InteractiveShell.instance()
-    sh.run_cell("%load_ext kerb_jupyter")
-    yield sh
-    sh.run_cell("%unload_ext kerb_jupyter")
-    InteractiveShell.clear_instance()
+    with kerbsql_shell(monkeypatch, cache, config) as sh:
+        yield sh
 
 
 @pytest.fixture

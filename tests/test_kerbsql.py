@@ -12,8 +12,7 @@ import uuid
 from decimal import Decimal
 
 import pytest
-from conftest import write_config
-from IPython.core.interactiveshell import InteractiveShell
+from conftest import kerbsql_shell, write_config
 
 from kerb_jupyter import tickets
 from kerb_jupyter.results import ResultSet
@@ -31,13 +30,8 @@ def shell(sandbox, tmp_path, monkeypatch):
     clusters["byip"] = {**sandbox.cluster_config("analytics"), "host": "127.0.0.1"}  # no SPN for that name
     config = write_config(tmp_path / "kerb_jupyter.json", sandbox, clusters=clusters,
                           audit_log=str(tmp_path / "audit" / "audit.jsonl"))
-    monkeypatch.setenv("KRB5CCNAME", f"FILE:{cache}")
-    monkeypatch.setenv("KERB_JUPYTER_CONFIG", str(config))
-    sh = InteractiveShell.instance()
-    sh.run_cell("%load_ext kerb_jupyter")
-    yield sh
-    sh.run_cell("%unload_ext kerb_jupyter")
-    InteractiveShell.clear_instance()
+    with kerbsql_shell(monkeypatch, cache, config) as sh:
+        yield sh
 
 
 def run(shell, code: str):

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import write_config
+from conftest import kerbsql_shell, write_config
 from helpers import start_extensions, wait_state
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 from moto import mock_aws
 from tornado.httpclient import HTTPClientError
 
@@ -291,15 +290,10 @@ def shell(sandbox, tmp_path, monkeypatch):
     clusters["loose"] = {**sandbox.cluster_config("analytics"), "options": {"require_auth": "password"}}
     config = write_config(tmp_path / "kerb_jupyter.json", sandbox, clusters=clusters,
                           audit_log=str(tmp_path / "audit.jsonl"))
-    monkeypatch.setenv("KRB5CCNAME", f"FILE:{cache}")
-    monkeypatch.setenv("KERB_JUPYTER_CONFIG", str(config))
-    sh = InteractiveShell.instance()
-    sh.run_cell("%load_ext kerb_jupyter")
-    sh.run_cell("%%kerbsql analytics\nCREATE TEMP TABLE victims (id int, name text);\n"
-                "INSERT INTO victims VALUES (1, 'a'), (2, 'b'), (3, 'c')")
-    yield sh
-    sh.run_cell("%unload_ext kerb_jupyter")
-    InteractiveShell.clear_instance()
+    with kerbsql_shell(monkeypatch, cache, config) as sh:
+        sh.run_cell("%%kerbsql analytics\nCREATE TEMP TABLE victims (id int, name text);\n"
+                    "INSERT INTO victims VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+        yield sh
 
 
 def kerbsql(shell, cell: str):

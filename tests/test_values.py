@@ -14,8 +14,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import write_config
-from IPython.core.interactiveshell import InteractiveShell
+from conftest import kerbsql_shell, write_config
 from pgvalues import (
     BOOL,
     FLOAT4,
@@ -74,13 +73,8 @@ def table(sandbox, ticket):
 @pytest.fixture
 def shell(sandbox, ticket, tmp_path, monkeypatch):
     config = write_config(tmp_path / "kerb_jupyter.json", sandbox)
-    monkeypatch.setenv("KRB5CCNAME", f"FILE:{ticket}")
-    monkeypatch.setenv("KERB_JUPYTER_CONFIG", str(config))
-    sh = InteractiveShell.instance()
-    sh.run_cell("%load_ext kerb_jupyter")
-    yield sh
-    sh.run_cell("%unload_ext kerb_jupyter")
-    InteractiveShell.clear_instance()
+    with kerbsql_shell(monkeypatch, ticket, config) as sh:
+        yield sh
 
 
 def kerbsql(shell, options: str, sql: str, tz: str = TZ) -> Any:
@@ -214,15 +208,19 @@ def test_type_names_are_looked_up_once_per_connection(sandbox, ticket, table, tm
     assert (queries_builtin, after_user, again) == (0, 2, 2)
 
 
-def test_dataframe_dtypes_keep_integers_nan_and_timestamps_exact(shell):
-    frame = kerbsql(shell, "--dataframe", """
+# Integer extremes, NaN vs NULL, -0, float4 display, timestamps at both ends: one SELECT shared with the COPY path.
+EDGE_ROWS = """
         SELECT * FROM (VALUES
             (9223372036854775807::int8, 'NaN'::float8, true, 32767::int2, '-2147483648'::int4, 4294967295::oid,
              timestamp '2026-01-01 00:00:00.000001', timestamptz '0001-01-01 12:00+00', 0.1::float4),
             (NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
             (9007199254740993, '-0'::float8, false, 0::int2, 0, 0::oid, timestamp '9999-12-31 23:59:59',
              timestamptz '2026-06-01 12:00+00', 'Infinity'::float4)
-        ) AS t(i8, f8, b, i2, i4, o, ts, tstz, f4) ORDER BY i8 NULLS LAST""")
+        ) AS t(i8, f8, b, i2, i4, o, ts, tstz, f4) ORDER BY i8 NULLS LAST"""
+
+
+def test_dataframe_dtypes_keep_integers_nan_and_timestamps_exact(shell):
+    frame = kerbsql(shell, "--dataframe", EDGE_ROWS)
     assert {c: str(t) for c, t in frame.dtypes.items()} == {
         "i8": "Int64", "f8": "Float64", "b": "boolean", "i2": "Int16", "i4": "Int32", "o": "Int64",
         "ts": "datetime64[us]", "tstz": f"datetime64[us, {TZ}]", "f4": "Float64"}

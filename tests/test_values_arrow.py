@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 from pgvalues import NULL, _array, psql_rows, same
-from test_values import QUERY, shell, table, ticket  # noqa: F401  # the module's fixtures
+from test_values import EDGE_ROWS, QUERY, shell, table, ticket  # noqa: F401  # the module's fixtures
 
 UTC_ISO = "-c IntervalStyle=iso_8601"  # with PGTZ=UTC: the settings the fast path's COPY runs with
 ELEMENTS = {1000: 16, 1001: 17, 1005: 21, 1007: 23, 1016: 20, 1028: 26, 1021: 700, 1022: 701, 1231: 1700,
@@ -162,14 +162,7 @@ def test_dataframes_hold_every_value_with_the_psycopg_paths_dtypes(shell, table,
 
 
 def test_int8_with_nulls_nan_and_timestamps_are_exact_through_copy(shell, capsys):  # noqa: F811
-    frame = run(shell, """%%kerbsql analytics --dataframe
-        SELECT * FROM (VALUES
-            (9223372036854775807::int8, 'NaN'::float8, true, 32767::int2, '-2147483648'::int4, 4294967295::oid,
-             timestamp '2026-01-01 00:00:00.000001', timestamptz '0001-01-01 12:00+00', 0.1::float4),
-            (NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
-            (9007199254740993, '-0'::float8, false, 0::int2, 0, 0::oid, timestamp '9999-12-31 23:59:59',
-             timestamptz '2026-06-01 12:00+00', 'Infinity'::float4)
-        ) AS t(i8, f8, b, i2, i4, o, ts, tstz, f4) ORDER BY i8 NULLS LAST""")
+    frame = run(shell, "%%kerbsql analytics --dataframe" + EDGE_ROWS)
     assert "kerbsql:" not in capsys.readouterr().out  # nothing fell back
     assert {c: str(t) for c, t in frame.dtypes.items()} == {
         "i8": "Int64", "f8": "Float64", "b": "boolean", "i2": "Int16", "i4": "Int32", "o": "Int64",
