@@ -15,7 +15,6 @@ import binascii
 import json
 import os
 import ssl
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import tickets
+from . import files, tickets
 from .config import ClusterConfig
 from .errors import (
     ConfigError,
@@ -154,17 +153,11 @@ def _refusal(status: int, body: bytes) -> KerbJupyterError:
 
 def store_cache(data: bytes, cache: Path) -> None:
     """Write ``data`` as the shared cache: private temporary file next to it, then ``os.replace``."""
-    tickets.ensure_private_dir(cache.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{cache.name}.", dir=cache.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o600)
+    directory = tickets.ensure_private_dir(cache.parent)
+    with files.private_temp(directory, f".{cache.name}.") as tmp:
+        tmp.write_bytes(data)
         tickets.read_cache(tmp, allow_expired=True)  # refuse to install a cache libkrb5 cannot read
         os.replace(tmp, cache)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def require_grant(info: TicketInfo, cluster: ClusterConfig) -> None:

@@ -150,7 +150,7 @@ def connect(cluster: ClusterConfig, principal: str, settings: Settings | None = 
         os.environ["KRB5CCNAME"] = f"FILE:{settings.cache_path}"
     try:
         return psycopg.connect(**conninfo(cluster, principal), autocommit=True)
-    except psycopg.OperationalError as err:
+    except psycopg.Error as err:  # OperationalError, and ProgrammingError for parameters libpq refuses
         raise classify_connect_error(err, cluster, principal) from None
 
 

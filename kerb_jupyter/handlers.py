@@ -177,9 +177,6 @@ class ClusterCheckHandler(BaseHandler):
             result = await in_daemon_thread(check_cluster, app, cluster.name, name="kerb-jupyter-check")
         except KerbJupyterError as err:
             return self.write_problem(err.code, str(err))
-        except psycopg.Error as err:  # e.g. an option libpq does not know: an answer, not a 500
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            return self.write_problem("connect_failed", f"cannot connect to cluster {cluster.name!r}: {first}")
         finally:
             app.checks_running -= 1
         self.write_json(result)
@@ -192,10 +189,13 @@ def check_cluster(app: KerbJupyterApp, name: str) -> dict[str, Any]:
     info = db.check_ticket(app.settings_obj)
     started = time.perf_counter()
     with db.connect(cluster, info.principal) as conn:
-        row = conn.execute(
-            "SELECT current_user, s.gss_authenticated, s.encrypted, current_setting('server_version') "
-            "FROM pg_stat_gssapi s WHERE s.pid = pg_backend_pid()"
-        ).fetchone()
+        try:
+            row = conn.execute(
+                "SELECT current_user, s.gss_authenticated, s.encrypted, current_setting('server_version') "
+                "FROM pg_stat_gssapi s WHERE s.pid = pg_backend_pid()"
+            ).fetchone()
+        except psycopg.Error as err:  # the server went away mid-check: an answer, not a 500
+            raise db.classify_connect_error(err, cluster, info.principal) from None
     latency = (time.perf_counter() - started) * 1000
     assert row is not None
     return {"cluster": name, "ok": True, "current_user": row[0], "gss_authenticated": row[1], "encrypted": row[2],

@@ -7,7 +7,7 @@ import random
 from typing import Any
 
 from .errors import KerbJupyterError
-from .sources import SecretsManagerSource, Source, quiet_aws_debug_logs
+from .sources import SecretsManagerSource, Source
 
 
 def retry_delay(failures: int, time_left: float | None, retry_interval: float, max_retry_interval: float,
@@ -34,7 +34,7 @@ def source_stamp(source: Source, principal: str | None) -> Any:
     """
     try:
         if isinstance(source, SecretsManagerSource):
-            return None if principal is None else _secret_version(source, source.secret_name(principal))
+            return None if principal is None else source.current_version(principal)
         path = getattr(source, "keytab", None) or getattr(source, "cache", None)
         if path is None:
             return None
@@ -42,20 +42,3 @@ def source_stamp(source: Source, principal: str | None) -> Any:
         return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
     except (OSError, KerbJupyterError):
         return None
-
-
-def _secret_version(src: SecretsManagerSource, name: str) -> Any:
-    import boto3
-    import botocore.exceptions
-
-    try:
-        with quiet_aws_debug_logs():
-            if src.client_factory is not None:
-                client = src.client_factory("secretsmanager", region_name=src.region)
-            else:
-                client = boto3.client("secretsmanager", **({"region_name": src.region} if src.region else {}))
-            desc = client.describe_secret(SecretId=name)
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
-        return None
-    versions = desc.get("VersionIdsToStages") or {}
-    return next((v for v, stages in versions.items() if "AWSCURRENT" in stages), None)

@@ -135,6 +135,21 @@ class SecretsManagerSource:
             return str(resp["SecretString"])
         raise SourceError(f"secret {name!r} has no value")
 
+    def current_version(self, principal: str) -> str | None:
+        """The AWSCURRENT version id of this principal's secret (DescribeSecret: metadata, never the value);
+        None when it cannot be read. Raises ConfigError for a bad secret_id template."""
+        import botocore.exceptions
+
+        factory = self.client_factory or _boto3_client
+        try:
+            with quiet_aws_debug_logs():
+                desc = factory("secretsmanager", region_name=self.region).describe_secret(
+                    SecretId=self.secret_name(principal))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
+            return None
+        versions = desc.get("VersionIdsToStages") or {}
+        return next((str(v) for v, stages in versions.items() if "AWSCURRENT" in stages), None)
+
     def describe(self) -> str:
         return f"Secrets Manager {self.secret_kind} {self.secret_id}"
 
