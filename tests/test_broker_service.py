@@ -21,11 +21,12 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from kerb_jupyter.broker.app import Broker, Refused
-from kerb_jupyter.broker.audit import read_records
+from kerb_jupyter.broker.audit import AuditLog, read_records
 from kerb_jupyter.broker.auth import AUDIENCE_HEADER, NONCE_HEADER, sign_request
 from kerb_jupyter.broker.settings import load_broker_settings
 from kerb_jupyter.broker.store import MemoryStore, StoreUnavailable
 from kerb_jupyter.brokersource import build_broker_source
+from kerb_jupyter.errors import ConfigError
 from kerb_jupyter.sandbox.broker import AUDIENCE, BrokerSandbox
 from kerb_jupyter.sandbox.sts import REGION, SSO_ROLE
 
@@ -453,3 +454,21 @@ def test_limits_per_caller_arn_and_per_principal(bsb: BrokerSandbox, tmp_path: P
     path = _variant(bsb, tmp_path, limits=limits)
     requests = [(c, "127.0.0.1") for c in (one, one, one, two)]
     assert outcomes(bsb, Broker(load_broker_settings(path)), requests) == expected
+
+
+def test_the_audit_log_never_writes_through_a_symlink(tmp_path: Path) -> None:
+    """A link planted at the audit log's path: refused at start-up (ConfigError naming it) and per record."""
+    victim = tmp_path / "victim"
+    victim.write_text("")
+    planted = tmp_path / "planted.jsonl"
+    planted.symlink_to(victim)
+    with pytest.raises(ConfigError, match=r"planted\.jsonl: .*symbolic link"):
+        AuditLog(planted)
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path)
+    audit.record(request_id="r1", source="127.0.0.1", decision="refused", reason="replay")
+    path.unlink()
+    path.symlink_to(victim)
+    with pytest.raises(OSError):
+        audit.record(request_id="r2", source="127.0.0.1", decision="refused", reason="replay")
+    assert victim.read_text() == ""

@@ -11,20 +11,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import files
+from ..errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 FIELDS = ("time", "request_id", "caller_arn", "source", "principal", "clusters", "decision", "reason")
 
 
 class AuditLog:
-    """Appends whole lines to a private file (0600, O_APPEND); without a file, records go to the logger."""
+    """Appends whole lines to a private file (0600, O_APPEND, no symlinks: ``files.open_append``); without a
+    file, records go to the logger."""
 
     def __init__(self, path: Path | None) -> None:
+        """Raises ConfigError when ``path`` cannot be this user's private log file."""
         self.path = path
         self._lock = threading.Lock()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+            try:  # at start-up: a symlink or someone else's file is refused before the broker listens
+                os.close(files.open_append(path))
+            except OSError as err:
+                raise ConfigError(f"audit_log {path}: {err.strerror}") from None
 
     def record(self, *, request_id: str, source: str, decision: str, reason: str, caller_arn: str | None = None,
                principal: str | None = None, clusters: list[str] | None = None, **extra: Any) -> dict[str, Any]:
@@ -39,7 +46,7 @@ class AuditLog:
             log.info("broker audit: %s", line.rstrip())
             return doc
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = files.open_append(self.path)  # never through a symlink planted since start-up
             try:
                 os.write(fd, line.encode())
             finally:
