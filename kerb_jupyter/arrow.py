@@ -30,8 +30,9 @@ from .sqlparse import code_words, first_keyword
 from .tagging import tag_statement
 
 BLOCK_BYTES = 8 << 20  # CSV bytes per parsed block: big enough for pyarrow's threads, small enough to bound memory
-# Session settings that make COPY's text unambiguous for the parsers (restored afterwards).
-SESSION = {"TimeZone": "UTC", "DateStyle": "ISO, MDY", "IntervalStyle": "iso_8601", "extra_float_digits": "1",
+# Session settings that make COPY's text unambiguous for the parsers (restored afterwards). TimeZone stays the
+# session's: timestamptz text carries its offset, and fallbacks and ranges read as psql shows them there.
+SESSION = {"DateStyle": "ISO, MDY", "IntervalStyle": "iso_8601", "extra_float_digits": "1",
            "bytea_output": "hex", "client_encoding": "UTF8"}
 _OK = psycopg.pq.ExecStatus.COMMAND_OK
 
@@ -101,7 +102,7 @@ def _run(conn: psycopg.Connection[Any], step: Step, params: dict[str, Any] | Non
     try:
         columns = describe(conn, inner, sent=None if params else step.text)
         plans = plan_columns(conn, columns)
-        consumer.start(Decoder(plans))
+        consumer.start(Decoder(plans, conn.info.parameter_status("TimeZone") or "UTC"))
         sql = tag_statement(f"COPY ({inner}\n) TO STDOUT (FORMAT csv)", opts.comment, False)
         rows, nbytes = stream(conn, sql, consumer.work, consumer.block_bytes)
         consumer.finish(rows, nbytes)
@@ -310,7 +311,7 @@ def to_output(table: pa.Table, kind: str, dtype_backend: str = "numpy") -> Any:
 
 def numpy_frame(table: pa.Table) -> Any:
     """pandas with the dtypes of the psycopg path (README): nullable Int16/32/64 and boolean, Float64 with NaN and
-    NULL apart, datetime64[us]; lists, numeric and uuid as Python objects; timestamptz stays UTC. Consumes the table.
+    NULL apart, datetime64[us]; lists, numeric and uuid as Python objects; timestamptz in its zone. Consumes the table.
     """
     import pandas as pd
 

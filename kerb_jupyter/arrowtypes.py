@@ -5,11 +5,14 @@ types the CSV reader cannot parse) a vectorised conversion from that text. Types
 equivalent stay text, with a note; a value a typed column cannot hold is an error naming column and value.
 ``Decoder`` turns one block of COPY's CSV into those columns; a column holding a value its Arrow type cannot hold
 (``infinity``, BC dates, ``24:00:00``, NaN in numeric(p, s)) becomes PostgreSQL's text, with a note.
+COPY runs in the session's time zone: ``timestamptz`` (and its arrays) get that zone as their Arrow zone
+(``arrow_zone``), and every text (fallbacks, ``tstzrange``, composites) is what psql shows in that session.
 """
 
 from __future__ import annotations
 
 import re
+import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -60,6 +63,7 @@ class ColumnPlan:
     convert: Convert | None = None  # text -> final Arrow type, per block
     infer: bool = False  # unconstrained numeric: decimal type chosen from the values
     note: str = ""
+    element: ColumnPlan | None = None  # arrays: the plan of their elements
 
 
 def lookup_sql() -> str:
@@ -105,7 +109,7 @@ def plan_column(name: str, oid: int, typmod: int, types: Mapping[int, PgType]) -
                               note=f"column {name!r} is numeric[] without precision: its elements are returned as "
                                    "text (cast it to numeric(p,s)[] for decimals)")
         if not inner.note:
-            return ColumnPlan(name, type_name, pa.string(), convert=array_converter(inner))
+            return ColumnPlan(name, type_name, pa.string(), convert=array_converter(inner), element=inner)
     return ColumnPlan(name, type_name, pa.string(),
                       note=f"column {name!r} has type {type_name}, which has no Arrow mapping here: returned as text")
 
@@ -221,6 +225,8 @@ def element_converter(plan: ColumnPlan) -> Convert:
     if plan.convert is not None:
         return plan.convert
     target = plan.read_as
+    if is_timestamptz(target):
+        return lambda t: timestamptz_array(t, target)
     if pa.types.is_boolean(target):
         return lambda t: pc.equal(t, "t")
     if pa.types.is_time(target):
@@ -274,16 +280,86 @@ def parse_array(text: str) -> list[str | None]:
     return out
 
 
+# -- timestamptz in the session's time zone ------------------------------------------------------------------------
+_POSIX_FIXED = re.compile(r"(?:<[^>]*>|[A-Za-z]{3,})([+-]?)(\d{1,2})(?::(\d\d))?")
+_SECONDS_OFFSET = re.compile(r"[+-]\d\d:\d\d:\d\d$")  # local mean time before 1900: +05:53:28
+_TSTZ_PARTS = (r"^(?P<local>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d{1,6})?)(?P<sign>[+-])(?P<h>\d\d)"
+               r"(?::(?P<m>\d\d))?(?::(?P<s>\d\d))?$")
+
+
+def is_timestamptz(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_timestamp(arrow_type) and arrow_type.tz is not None
+
+
+def arrow_zone(setting: str) -> str | None:
+    """PostgreSQL's TimeZone setting as an Arrow time zone, or None when neither Python nor Arrow can follow it.
+
+    An IANA name Python's ``zoneinfo`` knows stays itself (the psycopg path's zone); a POSIX zone without daylight
+    saving (``UTC+3``, ``<+02:30>-02:30`` from ``SET TIME ZONE INTERVAL ...``) is its fixed offset (``-03:00``,
+    ``+02:30``): both give the offsets psql prints. Anything else (POSIX rules with DST) is None."""
+    try:
+        zoneinfo.ZoneInfo(setting)
+        return setting
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        pass
+    m = _POSIX_FIXED.fullmatch(setting)
+    if m is None:
+        return None
+    west = -1 if m.group(1) == "-" else 1  # POSIX counts hours west of Greenwich: UTC+3 is three hours behind
+    minutes = -west * (int(m.group(2)) * 60 + int(m.group(3) or 0))
+    return f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+def in_zone(plan: ColumnPlan, zone: str) -> ColumnPlan:
+    """``plan`` with its timestamptz values (also array elements) in the Arrow time zone ``zone``."""
+    if plan.convert is None and is_timestamptz(plan.read_as):
+        return replace(plan, read_as=pa.timestamp("us", zone))
+    if plan.element is not None:
+        element = in_zone(plan.element, zone)
+        if element is not plan.element:
+            return replace(plan, element=element, convert=array_converter(element))
+    return plan
+
+
+def timestamptz_array(text: pa.Array, target: pa.DataType) -> pa.Array:
+    """``2000-01-01 05:45:00+05:45`` -> ``target`` (timestamp with a zone): the instant the text names.
+
+    Arrow's own parser reads offsets of hours and minutes; an offset with seconds (local mean time, years before
+    about 1900) is applied here. Raises BadValue for text that is no such timestamp (``infinity``, BC, year 10000).
+    """
+    try:
+        return pc.cast(text, target)
+    except pa.ArrowInvalid:
+        pass
+    parts = pc.extract_regex(text, _TSTZ_PARTS)
+    unmatched = pc.and_(text.is_valid(), parts.is_null())
+    if pc.any(unmatched).as_py():
+        raise BadValue(str(target), pc.filter(text, unmatched)[0].as_py())
+    local, sign, *hms = parts.flatten()
+    seconds: Any = pa.scalar(0, pa.int64())
+    for unit, part in zip((3600, 60, 1), hms):
+        seconds = pc.add(seconds, pc.multiply(pc.cast(pc.if_else(pc.equal(part, ""), "0", part), pa.int64()), unit))
+    seconds = pc.if_else(pc.equal(sign, "-"), pc.negate(seconds), seconds)
+    offset = pc.cast(pc.multiply(seconds, 10**6), pa.duration("us"))
+    return pc.subtract(pc.cast(local, pa.timestamp("us")), offset).cast(target)
+
+
 _CSV_ERROR = re.compile(r"column #(\d+): .*?(?:invalid value|The string) '(.*)'", re.S)
 
 
 class Decoder:
     """CSV block -> one Arrow array per column. ``streaming``: types fixed by the first block; ``fixed``: by a write."""
 
-    def __init__(self, plans: list[ColumnPlan]) -> None:
-        self.plans = plans
+    def __init__(self, plans: list[ColumnPlan], zone: str = "UTC") -> None:
+        """``zone``: the session's TimeZone setting, the zone COPY writes timestamptz text in."""
+        tz = arrow_zone(zone)
+        self.plans = [in_zone(p, tz or "UTC") for p in plans]
         self.names = [f"c{i}" for i in range(len(plans))]  # result columns may share a name
         self.notes = [p.note for p in plans if p.note]
+        if tz is None:
+            self.notes += [f"column {p.name!r} ({p.type_name}) is in UTC: the session's time zone {zone!r} is not "
+                           "one Python or Arrow knows (the instants are right)" for p in self.plans
+                           if is_timestamptz(p.read_as) or (p.element is not None and is_timestamptz(p.element.read_as))]
         self.decimals: dict[int, pa.DataType | None] = {}
         self.texts: set[int] = set()  # columns turned text
         self.rows = 0  # rows decoded so far
@@ -311,6 +387,11 @@ class Decoder:
                 i = int(m.group(1)) if m else len(self.plans)
                 if m is None or i >= len(self.plans) or pa.types.is_string(self.plans[i].read_as):
                     raise DatabaseError(f"Arrow could not read the result: {err}", code="arrow_conversion") from None
+                if is_timestamptz(target := self.plans[i].read_as) and _SECONDS_OFFSET.search(m.group(2)):
+                    self.plans[i] = replace(self.plans[i], read_as=pa.string(),  # same Arrow type, parsed here
+                                            convert=lambda t, target=target: timestamptz_array(t, target))
+                    self._options()
+                    continue
                 self._to_text(i, m.group(2), block)
         out = []
         for i, (plan, column) in enumerate(zip(self.plans, table.columns)):
