@@ -22,7 +22,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import errors as pgerrors
 
-from .arrowtypes import ColumnPlan, Decoder, PgType, lookup_sql, plan_column, unknown_oids
+from .arrowtypes import (
+    ColumnPlan,
+    Decoder,
+    PgType,
+    interval_parts,
+    lookup_sql,
+    plan_column,
+    unknown_oids,
+    with_interval_parts,
+)
 from .errors import ConfigError
 from .query import ConnectionLost, QueryOptions, Step, bind_step, format_db_error, plan_cell
 from .results import Column, ResultSet
@@ -372,16 +381,12 @@ def _objects(column: pa.ChunkedArray, pg_type: str) -> Any:
     return out
 
 
-_INTERVAL_FIELDS = pa.struct([("months", pa.int32()), ("days", pa.int32()), ("nanoseconds", pa.int64())])
-
-
 def for_polars(table: pa.Table) -> pa.Table:
     """polars reads neither month_day_nano intervals nor decimal256: structs of the three parts, and text."""
     for i, field in enumerate(table.schema):
-        if field.type == pa.month_day_nano_interval():
-            parts = [None if v is None else {"months": v.months, "days": v.days, "nanoseconds": v.nanoseconds}
-                     for v in table.column(i).to_pylist()]
-            table = table.set_column(i, pa.field(field.name, _INTERVAL_FIELDS), pa.array(parts, _INTERVAL_FIELDS))
+        if field.type != (parts := with_interval_parts(field.type)):  # also interval[]
+            column = pa.chunked_array([interval_parts(c) for c in table.column(i).chunks], parts)
+            table = table.set_column(i, pa.field(field.name, parts), column)
         elif pa.types.is_decimal256(field.type):
             print(f"kerbsql: column {field.name!r} ({field.type}) is text in polars, which has no decimal that wide")
             text = [None if d is None else format(d, "f") for d in table.column(i).to_pylist()]  # no 1E-10

@@ -210,6 +210,28 @@ def interval_array(text: pa.Array) -> pa.Array:
     return pa.array(parsed, pa.month_day_nano_interval()).take(pc.index_in(text, unique))
 
 
+INTERVAL_PARTS = pa.struct([("months", pa.int32()), ("days", pa.int32()), ("nanoseconds", pa.int64())])
+
+
+def with_interval_parts(arrow_type: pa.DataType) -> pa.DataType:
+    """``arrow_type`` with intervals (also in lists) as INTERVAL_PARTS: for Parquet and polars, which lack the type."""
+    if arrow_type == pa.month_day_nano_interval():
+        return INTERVAL_PARTS
+    if pa.types.is_list(arrow_type) and arrow_type.value_type == pa.month_day_nano_interval():
+        return pa.list_(INTERVAL_PARTS)
+    return arrow_type
+
+
+def interval_parts(array: pa.Array) -> pa.Array:
+    """month_day_nano_interval (or a list of them) -> struct<months, days, nanoseconds>, exact."""
+    if pa.types.is_list(array.type):
+        return pa.ListArray.from_arrays(array.offsets, interval_parts(array.values), mask=array.is_null())
+    unique = pc.unique(array)  # few distinct intervals in most columns: Python touches each once
+    parts = [None if v is None else {"months": v.months, "days": v.days, "nanoseconds": v.nanoseconds}
+             for v in unique.to_pylist()]
+    return pa.array(parts, INTERVAL_PARTS).take(pc.index_in(array, unique))
+
+
 def enum_converter(labels: tuple[str, ...]) -> Convert:
     """Enum text -> dictionary<int32, string> with the type's labels in sort order (the same for every block)."""
     dictionary = pa.array(labels, pa.string())

@@ -21,13 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from .arrowtypes import Decoder
+from .arrowtypes import Decoder, interval_parts, with_interval_parts
 from .errors import ConfigError, KerbJupyterError
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".arrow": "ipc", ".feather": "ipc", ".ipc": "ipc"}
-INTERVAL_PARTS = pa.struct([("months", pa.int32()), ("days", pa.int32()), ("nanoseconds", pa.int64())])
 
 
 def export_path(text: str) -> tuple[Path, str]:
@@ -130,7 +128,7 @@ class Exporter:
         assert self._decoder is not None
         fields = []
         for i, plan in enumerate(self._decoder.plans):
-            if self.format == "parquet" and columns[i].type != (parts := for_parquet(columns[i].type)):
+            if self.format == "parquet" and columns[i].type != (parts := with_interval_parts(columns[i].type)):
                 columns[i] = pa.chunked_array([interval_parts(c) for c in columns[i].chunks], parts)
                 note = (f"column {plan.name!r} ({plan.type_name}) is written to Parquet, which has no month-day-nano "
                         "type, as struct<months: int32, days: int32, nanoseconds: int64>")
@@ -148,25 +146,6 @@ class Exporter:
 
     def summary(self) -> str:
         return f"wrote {progress_text(self)} to {self.path}"
-
-
-def for_parquet(arrow_type: pa.DataType) -> pa.DataType:
-    """The type a column of ``arrow_type`` has in Parquet: intervals (also in lists) as INTERVAL_PARTS."""
-    if arrow_type == pa.month_day_nano_interval():
-        return INTERVAL_PARTS
-    if pa.types.is_list(arrow_type) and arrow_type.value_type == pa.month_day_nano_interval():
-        return pa.list_(INTERVAL_PARTS)
-    return arrow_type
-
-
-def interval_parts(array: pa.Array) -> pa.Array:
-    """month_day_nano_interval (or a list of them) -> struct<months, days, nanoseconds>, exact."""
-    if pa.types.is_list(array.type):
-        return pa.ListArray.from_arrays(array.offsets, interval_parts(array.values), mask=array.is_null())
-    unique = pc.unique(array)  # few distinct intervals in most columns: Python touches each once
-    parts = [None if v is None else {"months": v.months, "days": v.days, "nanoseconds": v.nanoseconds}
-             for v in unique.to_pylist()]
-    return pa.array(parts, INTERVAL_PARTS).take(pc.index_in(array, unique))
 
 
 def progress_text(exporter: Exporter) -> str:
