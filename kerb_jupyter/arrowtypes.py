@@ -248,7 +248,7 @@ def element_converter(plan: ColumnPlan) -> Convert:
         return plan.convert
     target = plan.read_as
     if is_timestamptz(target):
-        return lambda t: timestamptz_array(t, target)
+        return timestamptz_converter(target)
     if pa.types.is_boolean(target):
         return lambda t: pc.equal(t, "t")
     if pa.types.is_time(target):
@@ -343,6 +343,10 @@ def in_zone(plan: ColumnPlan, zone: str) -> ColumnPlan:
     return plan
 
 
+def timestamptz_converter(target: pa.DataType) -> Convert:
+    return lambda text: timestamptz_array(text, target)
+
+
 def timestamptz_array(text: pa.Array, target: pa.DataType) -> pa.Array:
     """``2000-01-01 05:45:00+05:45`` -> ``target`` (timestamp with a zone): the instant the text names.
 
@@ -381,7 +385,7 @@ class Decoder:
         if tz is None:
             self.notes += [f"column {p.name!r} ({p.type_name}) is in UTC: the session's time zone {zone!r} is not "
                            "one Python or Arrow knows (the instants are right)" for p in self.plans
-                           if is_timestamptz(p.read_as) or (p.element is not None and is_timestamptz(p.element.read_as))]
+                           if is_timestamptz((p.element or p).read_as)]
         self.decimals: dict[int, pa.DataType | None] = {}
         self.texts: set[int] = set()  # columns turned text
         self.rows = 0  # rows decoded so far
@@ -411,7 +415,7 @@ class Decoder:
                     raise DatabaseError(f"Arrow could not read the result: {err}", code="arrow_conversion") from None
                 if is_timestamptz(target := self.plans[i].read_as) and _SECONDS_OFFSET.search(m.group(2)):
                     self.plans[i] = replace(self.plans[i], read_as=pa.string(),  # same Arrow type, parsed here
-                                            convert=lambda t, target=target: timestamptz_array(t, target))
+                                            convert=timestamptz_converter(target))
                     self._options()
                     continue
                 self._to_text(i, m.group(2), block)
