@@ -351,12 +351,11 @@ def timestamptz_array(text: pa.Array, target: pa.DataType) -> pa.Array:
     """``2000-01-01 05:45:00+05:45`` -> ``target`` (timestamp with a zone): the instant the text names.
 
     Arrow's own parser reads offsets of hours and minutes; an offset with seconds (local mean time, years before
-    about 1900) is applied here. Raises BadValue for text that is no such timestamp (``infinity``, BC, year 10000).
+    about 1900) is applied here. Text that is no such timestamp (``infinity``, BC, year 10000) raises BadValue, or
+    ArrowInvalid quoting it.
     """
-    try:
-        return pc.cast(text, target)
-    except pa.ArrowInvalid:
-        pass
+    if not pc.any(pc.match_substring_regex(text, _SECONDS_OFFSET.pattern)).as_py():
+        return pc.cast(text, target)  # ArrowInvalid for infinity and BC: Decoder._converted names the value
     parts = pc.extract_regex(text, _TSTZ_PARTS)
     unmatched = pc.and_(text.is_valid(), parts.is_null())
     if pc.any(unmatched).as_py():

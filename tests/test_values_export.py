@@ -22,7 +22,7 @@ from test_values import QUERY, shell, table, ticket  # noqa: F401  # the module'
 from test_values_arrow import ISO, check_cell, in_zone, run, want
 from traitlets import TraitError
 
-from kerb_jupyter.arrowtypes import INTERVAL_PARTS
+from kerb_jupyter.arrowtypes import INTERVAL_PARTS, Decoder, plan_column
 
 ZONE = "Asia/Kathmandu"
 
@@ -160,3 +160,23 @@ def test_dtype_backend_takes_pandas_names(shell):  # noqa: F811
     with pytest.raises(TraitError, match=r"expected any of \['numpy_nullable', 'pyarrow', 'numpy'\], not the str 'np'"):
         magics.dtype_backend = "np"
     assert magics.dtype_backend == "pyarrow"
+
+
+def test_a_late_infinity_turns_earlier_blocks_into_the_sessions_text(sandbox, ticket):  # noqa: F811
+    """Blocks decoded as typed instants before ``infinity`` arrives become text as psql shows them in the session
+    (+05:41:16 before 1920, +05:30 after), not UTC. The Decoder gets COPY's blocks as COPY writes them in that zone
+    (when blocks break depends on the network, so the blocks are cut here)."""
+    sql = ("SELECT g, CASE WHEN g = 3000 THEN 'infinity' ELSE timestamptz '1900-01-01 00:00:00.5+00' + g * interval "
+           "'100 hours' END AS t, ARRAY[timestamptz '2000-01-01 00:00+00'] AS a FROM generate_series(1, 3000) g "
+           "ORDER BY g")
+    rows = psql_rows(sandbox, ticket, sql, 3, tz=ZONE)
+    quoted = [(g, t, '"' + a.replace('"', '""') + '"') for g, t, a in rows]  # CSV, as COPY quotes it
+    blocks = ["".join(f"{g},{t},{a}\n" for g, t, a in part).encode() for part in (quoted[:2000], quoted[2000:])]
+    decoder = Decoder([plan_column("g", 23, -1, {}), plan_column("t", 1184, -1, {}), plan_column("a", 1185, -1, {})],
+                      ZONE)
+    first, second = decoder.decode(blocks[0]), decoder.decode(blocks[1])
+    assert first[1].type == pa.timestamp("us", ZONE) and second[1].type == pa.string()
+    assert decoder.finish_column(1, [first[1], second[1]]).to_pylist() == [t for _, t, _ in rows]
+    assert rows[0][1].endswith("+05:41:16") and rows[-2][1].endswith("+05:30")
+    assert decoder.finish_column(2, [first[2], second[2]]).to_pylist() == [
+        [dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)]] * 3000
