@@ -22,16 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import errors as pgerrors
 
-from .arrowtypes import (
-    ColumnPlan,
-    Decoder,
-    PgType,
-    interval_parts,
-    lookup_sql,
-    plan_column,
-    unknown_oids,
-    with_interval_parts,
-)
+from .arrowtext import interval_parts, with_interval_parts
+from .arrowtypes import ColumnPlan, Decoder, PgType, lookup_sql, plan_column, unknown_oids
 from .errors import ConfigError
 from .query import ConnectionLost, QueryOptions, Step, bind_step, format_db_error, plan_cell
 from .results import Column, ResultSet

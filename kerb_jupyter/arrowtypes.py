@@ -1,10 +1,10 @@
 """PostgreSQL result columns -> Arrow types: how each column's COPY CSV text is read, converted and named.
 
 Every column gets a ``ColumnPlan``: the Arrow type pyarrow's CSV reader parses its text into, and (for the
-types the CSV reader cannot parse) a vectorised conversion from that text. Types without a faithful Arrow
-equivalent stay text, with a note; a value a typed column cannot hold is an error naming column and value.
-``Decoder`` turns one block of COPY's CSV into those columns; a column holding a value its Arrow type cannot hold
-(``infinity``, BC dates, ``24:00:00``, NaN in numeric(p, s)) becomes PostgreSQL's text, with a note.
+types the CSV reader cannot parse) a vectorised conversion from that text (``arrowtext``). Types without a
+faithful Arrow equivalent stay text, with a note; a value a typed column cannot hold is an error naming column
+and value. ``Decoder`` turns one block of COPY's CSV into those columns; a column holding a value its Arrow type
+cannot hold (``infinity``, BC dates, ``24:00:00``, NaN in numeric(p, s)) becomes PostgreSQL's text, with a note.
 COPY runs in the session's time zone: ``timestamptz`` (and its arrays) get that zone as their Arrow zone
 (``arrow_zone``), and every text (fallbacks, ``tstzrange``, composites) is what psql shows in that session.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import zoneinfo
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
@@ -22,10 +22,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from .arrowtext import (
+    SECONDS_OFFSET,
+    BadValue,
+    Convert,
+    bytea_array,
+    element_converter,
+    enum_converter,
+    interval_array,
+    is_timestamptz,
+    list_converter,
+    timestamptz_converter,
+)
 from .errors import DatabaseError
 from .pgtext import cell_text
-
-Convert = Callable[[pa.Array], pa.Array]
 
 # Built-in OIDs (stable across PostgreSQL versions): name, and what Arrow reads the CSV text as.
 SCALARS: dict[int, tuple[str, pa.DataType]] = {
@@ -174,143 +184,13 @@ def cast_decimal(name: str, text: pa.Array | pa.ChunkedArray, target: pa.DataTyp
         raise
 
 
-class BadValue(ValueError):
-    """A value a conversion cannot represent; the Decoder adds the column's name."""
-
-    def __init__(self, type_name: str, value: str) -> None:
-        super().__init__(type_name, value)
-        self.type_name, self.value = type_name, value
-
-
-# -- conversions from COPY's text --------------------------------------------------------------------------------
-def bytea_array(text: pa.Array) -> pa.Array:
-    """``\\x0aff`` (bytea_output = hex) -> binary."""
-    return pa.array([None if v is None else bytes.fromhex(v[2:]) for v in text.to_pylist()], pa.binary())
-
-
-_ISO_INTERVAL = re.compile(
-    r"P(?:(-?\d+)Y)?(?:(-?\d+)M)?(?:(-?\d+)D)?(?:T(?:(-?\d+)H)?(?:(-?\d+)M)?(?:(-?\d+(?:\.\d+)?)S)?)?$")
-
-
-def parse_interval(text: str) -> tuple[int, int, int]:
-    """An ISO 8601 interval as PostgreSQL writes it (IntervalStyle = iso_8601) -> (months, days, nanoseconds)."""
-    m = _ISO_INTERVAL.match(text)
-    if m is None:
-        raise BadValue("month_day_nano_interval", text)
-    years, months, days, hours, minutes = (int(g or 0) for g in m.groups()[:5])
-    seconds = Decimal(m.group(6) or 0)
-    nanos = int((hours * 3600 + minutes * 60) * 10**9 + seconds * 10**9)
-    return years * 12 + months, days, nanos
-
-
-def interval_array(text: pa.Array) -> pa.Array:
-    """ISO 8601 interval text -> month_day_nano_interval (exact: months, days and time kept apart)."""
-    unique = pc.unique(text)
-    parsed = [None if v is None else parse_interval(v) for v in unique.to_pylist()]
-    return pa.array(parsed, pa.month_day_nano_interval()).take(pc.index_in(text, unique))
-
-
-INTERVAL_PARTS = pa.struct([("months", pa.int32()), ("days", pa.int32()), ("nanoseconds", pa.int64())])
-
-
-def with_interval_parts(arrow_type: pa.DataType) -> pa.DataType:
-    """``arrow_type`` with intervals (also in lists) as INTERVAL_PARTS: for Parquet and polars, which lack the type."""
-    if arrow_type == pa.month_day_nano_interval():
-        return INTERVAL_PARTS
-    if pa.types.is_list(arrow_type) and arrow_type.value_type == pa.month_day_nano_interval():
-        return pa.list_(INTERVAL_PARTS)
-    return arrow_type
-
-
-def interval_parts(array: pa.Array) -> pa.Array:
-    """month_day_nano_interval (or a list of them) -> struct<months, days, nanoseconds>, exact."""
-    if pa.types.is_list(array.type):
-        return pa.ListArray.from_arrays(array.offsets, interval_parts(array.values), mask=array.is_null())
-    unique = pc.unique(array)  # few distinct intervals in most columns: Python touches each once
-    parts = [None if v is None else {"months": v.months, "days": v.days, "nanoseconds": v.nanoseconds}
-             for v in unique.to_pylist()]
-    return pa.array(parts, INTERVAL_PARTS).take(pc.index_in(array, unique))
-
-
-def enum_converter(labels: tuple[str, ...]) -> Convert:
-    """Enum text -> dictionary<int32, string> with the type's labels in sort order (the same for every block)."""
-    dictionary = pa.array(labels, pa.string())
-
-    def convert(text: pa.Array) -> pa.Array:
-        return pa.DictionaryArray.from_arrays(pc.index_in(text, dictionary).cast(pa.int32()), dictionary)
-
-    return convert
-
-
-def element_converter(plan: ColumnPlan) -> Convert:
-    """Converts the flat element text of an array column."""
-    if plan.convert is not None:
-        return plan.convert
-    target = plan.read_as
-    if is_timestamptz(target):
-        return timestamptz_converter(target)
-    if pa.types.is_boolean(target):
-        return lambda t: pc.equal(t, "t")
-    if pa.types.is_time(target):
-        return lambda t: pc.cast(pc.cast(pc.binary_join_element_wise("1970-01-01 ", t, ""), pa.timestamp("us")),
-                                 target)
-    if pa.types.is_string(target):
-        return lambda t: t
-    return lambda t: pc.cast(t, target)
-
-
 def array_converter(element: ColumnPlan) -> Convert:
-    """``{1,2,NULL}`` text -> list<element>; one-dimensional arrays (more dimensions stay nested lists of text)."""
-    convert = element_converter(element)
-
-    def to_lists(text: pa.Array) -> pa.Array:
-        parsed = [None if v is None else parse_array(v) for v in text.to_pylist()]
-        lists = pa.array(parsed, pa.list_(pa.string()))
-        values = convert(lists.values)
-        return pa.ListArray.from_arrays(lists.offsets, values, mask=lists.is_null())
-
-    return to_lists
-
-
-def parse_array(text: str) -> list[str | None]:
-    """A one-dimensional PostgreSQL array literal -> element texts (None for NULL). Raises on nested arrays."""
-    if text.startswith("["):  # explicit bounds: [0:2]={...}
-        text = text[text.index("=") + 1:]
-    if text[0] != "{" or text[-1] != "}":
-        raise BadValue("list", text)
-    out: list[str | None] = []
-    i, n = 1, len(text) - 1
-    while i < n:
-        if text[i] == "{":
-            raise BadValue("list (one dimension)", text)
-        if text[i] == '"':
-            j, chars = i + 1, []
-            while text[j] != '"':
-                if text[j] == "\\":
-                    j += 1
-                chars.append(text[j])
-                j += 1
-            out.append("".join(chars))
-            i = j + 1
-        else:
-            j = text.find(",", i)
-            j = n if j < 0 else j
-            word = text[i:j]
-            out.append(None if word == "NULL" else word)
-            i = j
-        i += 1  # the comma
-    return out
+    """``{1,2,NULL}`` text -> list<element>; one-dimensional arrays (more dimensions: text, see plan_column)."""
+    return list_converter(element_converter(element.read_as, element.convert))
 
 
 # -- timestamptz in the session's time zone ------------------------------------------------------------------------
 _POSIX_FIXED = re.compile(r"(?:<[^>]*>|[A-Za-z]{3,})([+-]?)(\d{1,2})(?::(\d\d))?")
-_SECONDS_OFFSET = re.compile(r"[+-]\d\d:\d\d:\d\d$")  # local mean time before 1900: +05:53:28
-_TSTZ_PARTS = (r"^(?P<local>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d{1,6})?)(?P<sign>[+-])(?P<h>\d\d)"
-               r"(?::(?P<m>\d\d))?(?::(?P<s>\d\d))?$")
-
-
-def is_timestamptz(arrow_type: pa.DataType) -> bool:
-    return pa.types.is_timestamp(arrow_type) and arrow_type.tz is not None
 
 
 def arrow_zone(setting: str) -> str | None:
@@ -341,32 +221,6 @@ def in_zone(plan: ColumnPlan, zone: str) -> ColumnPlan:
         if element is not plan.element:
             return replace(plan, element=element, convert=array_converter(element))
     return plan
-
-
-def timestamptz_converter(target: pa.DataType) -> Convert:
-    return lambda text: timestamptz_array(text, target)
-
-
-def timestamptz_array(text: pa.Array, target: pa.DataType) -> pa.Array:
-    """``2000-01-01 05:45:00+05:45`` -> ``target`` (timestamp with a zone): the instant the text names.
-
-    Arrow's own parser reads offsets of hours and minutes; an offset with seconds (local mean time, years before
-    about 1900) is applied here. Text that is no such timestamp (``infinity``, BC, year 10000) raises BadValue, or
-    ArrowInvalid quoting it.
-    """
-    if not pc.any(pc.match_substring_regex(text, _SECONDS_OFFSET.pattern)).as_py():
-        return pc.cast(text, target)  # ArrowInvalid for infinity and BC: Decoder._converted names the value
-    parts = pc.extract_regex(text, _TSTZ_PARTS)
-    unmatched = pc.and_(text.is_valid(), parts.is_null())
-    if pc.any(unmatched).as_py():
-        raise BadValue(str(target), pc.filter(text, unmatched)[0].as_py())
-    local, sign, *hms = parts.flatten()
-    seconds: Any = pa.scalar(0, pa.int64())
-    for unit, part in zip((3600, 60, 1), hms):
-        seconds = pc.add(seconds, pc.multiply(pc.cast(pc.if_else(pc.equal(part, ""), "0", part), pa.int64()), unit))
-    seconds = pc.if_else(pc.equal(sign, "-"), pc.negate(seconds), seconds)
-    offset = pc.cast(pc.multiply(seconds, 10**6), pa.duration("us"))
-    return pc.subtract(pc.cast(local, pa.timestamp("us")), offset).cast(target)
 
 
 _CSV_ERROR = re.compile(r"column #(\d+): .*?(?:invalid value|The string) '(.*)'", re.S)
@@ -412,7 +266,7 @@ class Decoder:
                 i = int(m.group(1)) if m else len(self.plans)
                 if m is None or i >= len(self.plans) or pa.types.is_string(self.plans[i].read_as):
                     raise DatabaseError(f"Arrow could not read the result: {err}", code="arrow_conversion") from None
-                if is_timestamptz(target := self.plans[i].read_as) and _SECONDS_OFFSET.search(m.group(2)):
+                if is_timestamptz(target := self.plans[i].read_as) and SECONDS_OFFSET.search(m.group(2)):
                     self.plans[i] = replace(self.plans[i], read_as=pa.string(),  # same Arrow type, parsed here
                                             convert=timestamptz_converter(target))
                     self._options()

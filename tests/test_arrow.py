@@ -20,7 +20,7 @@ from conftest import kerbsql_shell, write_config
 from test_kernel_magic import kernel  # noqa: F401  # the fixture: a real kernel started by a real server
 
 from kerb_jupyter import arrow, export, tickets
-from kerb_jupyter.arrowtypes import parse_array, parse_interval
+from kerb_jupyter.arrowtext import parse_array, parse_interval
 from kerb_jupyter.query import QueryOptions
 
 
