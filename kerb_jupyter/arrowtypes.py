@@ -194,22 +194,22 @@ _POSIX_FIXED = re.compile(r"(?:<[^>]*>|[A-Za-z]{3,})([+-]?)(\d{1,2})(?::(\d\d))?
 
 
 def arrow_zone(setting: str) -> str | None:
-    """PostgreSQL's TimeZone setting as an Arrow time zone, or None when neither Python nor Arrow can follow it.
+    """PostgreSQL's TimeZone setting as a time zone name Python, Arrow, pandas and polars all know, or None.
 
-    An IANA name Python's ``zoneinfo`` knows stays itself (the psycopg path's zone); a POSIX zone without daylight
-    saving (``UTC+3``, ``<+02:30>-02:30`` from ``SET TIME ZONE INTERVAL ...``) is its fixed offset (``-03:00``,
-    ``+02:30``): both give the offsets psql prints. Anything else (POSIX rules with DST) is None."""
+    An IANA name Python's ``zoneinfo`` knows stays itself (the psycopg path's zone); a POSIX zone of whole hours
+    without daylight saving (``UTC+3``, ``<-07>+07`` from ``SET TIME ZONE -7``) is its ``Etc/GMT+3`` (same sign:
+    three hours behind UTC). Both give the offsets psql prints. Anything else (``<+02:30>-02:30`` from ``SET TIME
+    ZONE INTERVAL '+02:30' HOUR TO MINUTE``, which polars cannot take as a zone; POSIX rules with DST) is None."""
+    m = _POSIX_FIXED.fullmatch(setting)
+    if m is not None and m.group(3) in (None, "00"):
+        setting = f"Etc/GMT{'-' if m.group(1) == '-' else '+'}{int(m.group(2))}".replace("GMT+0", "GMT")
+    elif m is not None:
+        return None
     try:
         zoneinfo.ZoneInfo(setting)
-        return setting
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        pass
-    m = _POSIX_FIXED.fullmatch(setting)
-    if m is None:
         return None
-    west = -1 if m.group(1) == "-" else 1  # POSIX counts hours west of Greenwich: UTC+3 is three hours behind
-    minutes = -west * (int(m.group(2)) * 60 + int(m.group(3) or 0))
-    return f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    return setting
 
 
 def in_zone(plan: ColumnPlan, zone: str) -> ColumnPlan:
@@ -237,7 +237,7 @@ class Decoder:
         self.notes = [p.note for p in plans if p.note]
         if tz is None:
             self.notes += [f"column {p.name!r} ({p.type_name}) is in UTC: the session's time zone {zone!r} is not "
-                           "one Python or Arrow knows (the instants are right)" for p in self.plans
+                           "one with a name Python, Arrow and polars know (the instants are right)" for p in self.plans
                            if is_timestamptz((p.element or p).read_as)]
         self.decimals: dict[int, pa.DataType | None] = {}
         self.texts: set[int] = set()  # columns turned text
