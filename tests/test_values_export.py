@@ -9,6 +9,7 @@ text for every cell. The session runs in Asia/Kathmandu (+05:45, +05:41:16 befor
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal
 from typing import Any
 
 import pandas as pd
@@ -42,6 +43,11 @@ def arrow_table(shell, table):  # noqa: F811
     return result
 
 
+def read_ipc(path: Any) -> pa.Table:
+    with pa.ipc.open_file(path) as reader:
+        return reader.read_all()
+
+
 def check_table(got: pa.Table, rows: list[list[str]], arrow_table: pa.Table, what: str) -> None:
     """Each cell of ``got`` (read back from a file) is psql's value in the type the --arrow table has."""
     assert got.num_rows == len(rows) and got.column_names == arrow_table.column_names, what
@@ -68,8 +74,7 @@ def test_parquet_holds_every_type_intervals_as_structs(shell, rows, arrow_table,
 
 def test_arrow_files_hold_every_type_as_the_arrow_table(shell, rows, arrow_table, tmp_path):  # noqa: F811
     run(shell, f"%kerbsql analytics --to {tmp_path / 'all.arrow'} {QUERY}")
-    with pa.ipc.open_file(tmp_path / "all.arrow") as reader:
-        got = reader.read_all()
+    got = read_ipc(tmp_path / "all.arrow")
     assert got.schema.remove_metadata() == arrow_table.schema.remove_metadata()
     check_table(got, rows, arrow_table, "Arrow IPC")
 
@@ -185,3 +190,16 @@ def test_a_late_infinity_turns_earlier_blocks_into_the_sessions_text(sandbox, ti
     assert rows[0][1].endswith("+05:41:16") and rows[-2][1].endswith("+05:30")
     assert decoder.finish_column(2, [first[2], second[2]]).to_pylist() == [
         [dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)]] * 3000
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_wide_decimals_and_column_less_results_go_into_files(shell, tmp_path, suffix):  # noqa: F811
+    """decimal256 (numeric(50, 10)), not in the all-types table, and a result with rows but no columns."""
+    target = tmp_path / f"wide{suffix}"
+    run(shell, f"%kerbsql analytics --to {target} SELECT 12345678901234567890123456789012345678.5::numeric(50,10) "
+               "AS big, NULL::numeric(50,10) AS none")
+    got = pq.read_table(target) if suffix == ".parquet" else read_ipc(target)
+    assert got.schema.field("big").type == pa.decimal256(50, 10)
+    assert got.to_pylist() == [{"big": Decimal("12345678901234567890123456789012345678.5000000000"), "none": None}]
+    run(shell, f"%kerbsql analytics --to {tmp_path / ('none' + suffix)} SELECT FROM generate_series(1, 3)")
+    assert (tmp_path / ("none" + suffix)).exists()
