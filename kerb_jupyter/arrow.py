@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import errors as pgerrors
 
+from .arrowtext import interval_parts, with_interval_parts
 from .arrowtypes import ColumnPlan, Decoder, PgType, lookup_sql, plan_column, unknown_oids
 from .errors import ConfigError
 from .query import ConnectionLost, QueryOptions, Step, bind_step, format_db_error, plan_cell
@@ -30,8 +31,9 @@ from .sqlparse import code_words, first_keyword
 from .tagging import tag_statement
 
 BLOCK_BYTES = 8 << 20  # CSV bytes per parsed block: big enough for pyarrow's threads, small enough to bound memory
-# Session settings that make COPY's text unambiguous for the parsers (restored afterwards).
-SESSION = {"TimeZone": "UTC", "DateStyle": "ISO, MDY", "IntervalStyle": "iso_8601", "extra_float_digits": "1",
+# Session settings that make COPY's text unambiguous for the parsers (restored afterwards). TimeZone stays the
+# session's: timestamptz text carries its offset, and fallbacks and ranges read as psql shows them there.
+SESSION = {"DateStyle": "ISO, MDY", "IntervalStyle": "iso_8601", "extra_float_digits": "1",
            "bytea_output": "hex", "client_encoding": "UTF8"}
 _OK = psycopg.pq.ExecStatus.COMMAND_OK
 
@@ -101,7 +103,7 @@ def _run(conn: psycopg.Connection[Any], step: Step, params: dict[str, Any] | Non
     try:
         columns = describe(conn, inner, sent=None if params else step.text)
         plans = plan_columns(conn, columns)
-        consumer.start(Decoder(plans))
+        consumer.start(Decoder(plans, conn.info.parameter_status("TimeZone") or "UTC"))
         sql = tag_statement(f"COPY ({inner}\n) TO STDOUT (FORMAT csv)", opts.comment, False)
         rows, nbytes = stream(conn, sql, consumer.work, consumer.block_bytes)
         consumer.finish(rows, nbytes)
@@ -310,7 +312,7 @@ def to_output(table: pa.Table, kind: str, dtype_backend: str = "numpy") -> Any:
 
 def numpy_frame(table: pa.Table) -> Any:
     """pandas with the dtypes of the psycopg path (README): nullable Int16/32/64 and boolean, Float64 with NaN and
-    NULL apart, datetime64[us]; lists, numeric and uuid as Python objects; timestamptz stays UTC. Consumes the table.
+    NULL apart, datetime64[us]; lists, numeric and uuid as Python objects; timestamptz in its zone. Consumes the table.
     """
     import pandas as pd
 
@@ -371,16 +373,12 @@ def _objects(column: pa.ChunkedArray, pg_type: str) -> Any:
     return out
 
 
-_INTERVAL_FIELDS = pa.struct([("months", pa.int32()), ("days", pa.int32()), ("nanoseconds", pa.int64())])
-
-
 def for_polars(table: pa.Table) -> pa.Table:
     """polars reads neither month_day_nano intervals nor decimal256: structs of the three parts, and text."""
     for i, field in enumerate(table.schema):
-        if field.type == pa.month_day_nano_interval():
-            parts = [None if v is None else {"months": v.months, "days": v.days, "nanoseconds": v.nanoseconds}
-                     for v in table.column(i).to_pylist()]
-            table = table.set_column(i, pa.field(field.name, _INTERVAL_FIELDS), pa.array(parts, _INTERVAL_FIELDS))
+        if field.type != (parts := with_interval_parts(field.type)):  # also interval[]
+            column = pa.chunked_array([interval_parts(c) for c in table.column(i).chunks], parts)
+            table = table.set_column(i, pa.field(field.name, parts), column)
         elif pa.types.is_decimal256(field.type):
             print(f"kerbsql: column {field.name!r} ({field.type}) is text in polars, which has no decimal that wide")
             text = [None if d is None else format(d, "f") for d in table.column(i).to_pylist()]  # no 1E-10

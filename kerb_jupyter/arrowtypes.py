@@ -1,16 +1,19 @@
 """PostgreSQL result columns -> Arrow types: how each column's COPY CSV text is read, converted and named.
 
 Every column gets a ``ColumnPlan``: the Arrow type pyarrow's CSV reader parses its text into, and (for the
-types the CSV reader cannot parse) a vectorised conversion from that text. Types without a faithful Arrow
-equivalent stay text, with a note; a value a typed column cannot hold is an error naming column and value.
-``Decoder`` turns one block of COPY's CSV into those columns; a column holding a value its Arrow type cannot hold
-(``infinity``, BC dates, ``24:00:00``, NaN in numeric(p, s)) becomes PostgreSQL's text, with a note.
+types the CSV reader cannot parse) a vectorised conversion from that text (``arrowtext``). Types without a
+faithful Arrow equivalent stay text, with a note; a value a typed column cannot hold is an error naming column
+and value. ``Decoder`` turns one block of COPY's CSV into those columns; a column holding a value its Arrow type
+cannot hold (``infinity``, BC dates, ``24:00:00``, NaN in numeric(p, s)) becomes PostgreSQL's text, with a note.
+COPY runs in the session's time zone: ``timestamptz`` (and its arrays) get that zone as their Arrow zone
+(``arrow_zone``), and every text (fallbacks, ``tstzrange``, composites) is what psql shows in that session.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+import zoneinfo
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
@@ -19,10 +22,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from .arrowtext import (
+    SECONDS_OFFSET,
+    BadValue,
+    Convert,
+    bytea_array,
+    element_converter,
+    enum_converter,
+    interval_array,
+    is_timestamptz,
+    list_converter,
+    timestamptz_converter,
+)
 from .errors import DatabaseError
 from .pgtext import cell_text
-
-Convert = Callable[[pa.Array], pa.Array]
 
 # Built-in OIDs (stable across PostgreSQL versions): name, and what Arrow reads the CSV text as.
 SCALARS: dict[int, tuple[str, pa.DataType]] = {
@@ -60,6 +73,7 @@ class ColumnPlan:
     convert: Convert | None = None  # text -> final Arrow type, per block
     infer: bool = False  # unconstrained numeric: decimal type chosen from the values
     note: str = ""
+    element: ColumnPlan | None = None  # arrays: the plan of their elements
 
 
 def lookup_sql() -> str:
@@ -105,7 +119,7 @@ def plan_column(name: str, oid: int, typmod: int, types: Mapping[int, PgType]) -
                               note=f"column {name!r} is numeric[] without precision: its elements are returned as "
                                    "text (cast it to numeric(p,s)[] for decimals)")
         if not inner.note:
-            return ColumnPlan(name, type_name, pa.string(), convert=array_converter(inner))
+            return ColumnPlan(name, type_name, pa.string(), convert=array_converter(inner), element=inner)
     return ColumnPlan(name, type_name, pa.string(),
                       note=f"column {name!r} has type {type_name}, which has no Arrow mapping here: returned as text")
 
@@ -170,108 +184,43 @@ def cast_decimal(name: str, text: pa.Array | pa.ChunkedArray, target: pa.DataTyp
         raise
 
 
-class BadValue(ValueError):
-    """A value a conversion cannot represent; the Decoder adds the column's name."""
-
-    def __init__(self, type_name: str, value: str) -> None:
-        super().__init__(type_name, value)
-        self.type_name, self.value = type_name, value
-
-
-# -- conversions from COPY's text --------------------------------------------------------------------------------
-def bytea_array(text: pa.Array) -> pa.Array:
-    """``\\x0aff`` (bytea_output = hex) -> binary."""
-    return pa.array([None if v is None else bytes.fromhex(v[2:]) for v in text.to_pylist()], pa.binary())
-
-
-_ISO_INTERVAL = re.compile(
-    r"P(?:(-?\d+)Y)?(?:(-?\d+)M)?(?:(-?\d+)D)?(?:T(?:(-?\d+)H)?(?:(-?\d+)M)?(?:(-?\d+(?:\.\d+)?)S)?)?$")
-
-
-def parse_interval(text: str) -> tuple[int, int, int]:
-    """An ISO 8601 interval as PostgreSQL writes it (IntervalStyle = iso_8601) -> (months, days, nanoseconds)."""
-    m = _ISO_INTERVAL.match(text)
-    if m is None:
-        raise BadValue("month_day_nano_interval", text)
-    years, months, days, hours, minutes = (int(g or 0) for g in m.groups()[:5])
-    seconds = Decimal(m.group(6) or 0)
-    nanos = int((hours * 3600 + minutes * 60) * 10**9 + seconds * 10**9)
-    return years * 12 + months, days, nanos
-
-
-def interval_array(text: pa.Array) -> pa.Array:
-    """ISO 8601 interval text -> month_day_nano_interval (exact: months, days and time kept apart)."""
-    unique = pc.unique(text)
-    parsed = [None if v is None else parse_interval(v) for v in unique.to_pylist()]
-    return pa.array(parsed, pa.month_day_nano_interval()).take(pc.index_in(text, unique))
-
-
-def enum_converter(labels: tuple[str, ...]) -> Convert:
-    """Enum text -> dictionary<int32, string> with the type's labels in sort order (the same for every block)."""
-    dictionary = pa.array(labels, pa.string())
-
-    def convert(text: pa.Array) -> pa.Array:
-        return pa.DictionaryArray.from_arrays(pc.index_in(text, dictionary).cast(pa.int32()), dictionary)
-
-    return convert
-
-
-def element_converter(plan: ColumnPlan) -> Convert:
-    """Converts the flat element text of an array column."""
-    if plan.convert is not None:
-        return plan.convert
-    target = plan.read_as
-    if pa.types.is_boolean(target):
-        return lambda t: pc.equal(t, "t")
-    if pa.types.is_time(target):
-        return lambda t: pc.cast(pc.cast(pc.binary_join_element_wise("1970-01-01 ", t, ""), pa.timestamp("us")),
-                                 target)
-    if pa.types.is_string(target):
-        return lambda t: t
-    return lambda t: pc.cast(t, target)
-
-
 def array_converter(element: ColumnPlan) -> Convert:
-    """``{1,2,NULL}`` text -> list<element>; one-dimensional arrays (more dimensions stay nested lists of text)."""
-    convert = element_converter(element)
-
-    def to_lists(text: pa.Array) -> pa.Array:
-        parsed = [None if v is None else parse_array(v) for v in text.to_pylist()]
-        lists = pa.array(parsed, pa.list_(pa.string()))
-        values = convert(lists.values)
-        return pa.ListArray.from_arrays(lists.offsets, values, mask=lists.is_null())
-
-    return to_lists
+    """``{1,2,NULL}`` text -> list<element>; one-dimensional arrays (more dimensions: text, see plan_column)."""
+    return list_converter(element_converter(element.read_as, element.convert))
 
 
-def parse_array(text: str) -> list[str | None]:
-    """A one-dimensional PostgreSQL array literal -> element texts (None for NULL). Raises on nested arrays."""
-    if text.startswith("["):  # explicit bounds: [0:2]={...}
-        text = text[text.index("=") + 1:]
-    if text[0] != "{" or text[-1] != "}":
-        raise BadValue("list", text)
-    out: list[str | None] = []
-    i, n = 1, len(text) - 1
-    while i < n:
-        if text[i] == "{":
-            raise BadValue("list (one dimension)", text)
-        if text[i] == '"':
-            j, chars = i + 1, []
-            while text[j] != '"':
-                if text[j] == "\\":
-                    j += 1
-                chars.append(text[j])
-                j += 1
-            out.append("".join(chars))
-            i = j + 1
-        else:
-            j = text.find(",", i)
-            j = n if j < 0 else j
-            word = text[i:j]
-            out.append(None if word == "NULL" else word)
-            i = j
-        i += 1  # the comma
-    return out
+# -- timestamptz in the session's time zone ------------------------------------------------------------------------
+_POSIX_FIXED = re.compile(r"(?:<[^>]*>|[A-Za-z]{3,})([+-]?)(\d{1,2})(?::(\d\d))?")
+
+
+def arrow_zone(setting: str) -> str | None:
+    """PostgreSQL's TimeZone setting as a time zone name Python, Arrow, pandas and polars all know, or None.
+
+    An IANA name Python's ``zoneinfo`` knows stays itself (the psycopg path's zone); a POSIX zone of whole hours
+    without daylight saving (``UTC+3``, ``<-07>+07`` from ``SET TIME ZONE -7``) is its ``Etc/GMT+3`` (same sign:
+    three hours behind UTC). Both give the offsets psql prints. Anything else (``<+02:30>-02:30`` from ``SET TIME
+    ZONE INTERVAL '+02:30' HOUR TO MINUTE``, which polars cannot take as a zone; POSIX rules with DST) is None."""
+    m = _POSIX_FIXED.fullmatch(setting)
+    if m is not None and m.group(3) in (None, "00"):
+        setting = f"Etc/GMT{'-' if m.group(1) == '-' else '+'}{int(m.group(2))}".replace("GMT+0", "GMT")
+    elif m is not None:
+        return None
+    try:
+        zoneinfo.ZoneInfo(setting)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return None
+    return setting
+
+
+def in_zone(plan: ColumnPlan, zone: str) -> ColumnPlan:
+    """``plan`` with its timestamptz values (also array elements) in the Arrow time zone ``zone``."""
+    if plan.convert is None and is_timestamptz(plan.read_as):
+        return replace(plan, read_as=pa.timestamp("us", zone))
+    if plan.element is not None:
+        element = in_zone(plan.element, zone)
+        if element is not plan.element:
+            return replace(plan, element=element, convert=array_converter(element))
+    return plan
 
 
 _CSV_ERROR = re.compile(r"column #(\d+): .*?(?:invalid value|The string) '(.*)'", re.S)
@@ -280,10 +229,16 @@ _CSV_ERROR = re.compile(r"column #(\d+): .*?(?:invalid value|The string) '(.*)'"
 class Decoder:
     """CSV block -> one Arrow array per column. ``streaming``: types fixed by the first block; ``fixed``: by a write."""
 
-    def __init__(self, plans: list[ColumnPlan]) -> None:
-        self.plans = plans
+    def __init__(self, plans: list[ColumnPlan], zone: str = "UTC") -> None:
+        """``zone``: the session's TimeZone setting, the zone COPY writes timestamptz text in."""
+        tz = arrow_zone(zone)
+        self.plans = [in_zone(p, tz or "UTC") for p in plans]
         self.names = [f"c{i}" for i in range(len(plans))]  # result columns may share a name
         self.notes = [p.note for p in plans if p.note]
+        if tz is None:
+            self.notes += [f"column {p.name!r} ({p.type_name}) is in UTC: the session's time zone {zone!r} is not "
+                           "one with a name Python, Arrow and polars know (the instants are right)" for p in self.plans
+                           if is_timestamptz((p.element or p).read_as)]
         self.decimals: dict[int, pa.DataType | None] = {}
         self.texts: set[int] = set()  # columns turned text
         self.rows = 0  # rows decoded so far
@@ -311,6 +266,11 @@ class Decoder:
                 i = int(m.group(1)) if m else len(self.plans)
                 if m is None or i >= len(self.plans) or pa.types.is_string(self.plans[i].read_as):
                     raise DatabaseError(f"Arrow could not read the result: {err}", code="arrow_conversion") from None
+                if is_timestamptz(target := self.plans[i].read_as) and SECONDS_OFFSET.search(m.group(2)):
+                    self.plans[i] = replace(self.plans[i], read_as=pa.string(),  # same Arrow type, parsed here
+                                            convert=timestamptz_converter(target))
+                    self._options()
+                    continue
                 self._to_text(i, m.group(2), block)
         out = []
         for i, (plan, column) in enumerate(zip(self.plans, table.columns)):

@@ -3,6 +3,9 @@
 Memory stays bounded (blocks of a few tens of MB, one Parquet row group or IPC batch each), a progress line
 shows rows, MB and rows/s, and the file appears under its final name only when complete: it is written next
 to it as ``.NAME.XXXXXX.part`` and renamed; a failed or interrupted export removes that partial file.
+Every Arrow type of the fast path goes into every format: Parquet, which has no month-day-nano type, gets
+intervals as structs of months, days and nanoseconds (exact; ``--polars`` does the same). Each field of a
+Parquet or Arrow file names its PostgreSQL type in its metadata (``pg_type``), as ``--arrow`` tables do.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from .arrowtext import interval_parts, with_interval_parts
 from .arrowtypes import Decoder
 from .errors import ConfigError, KerbJupyterError
 
@@ -48,6 +52,7 @@ class Exporter:
         self.path, self.format = export_path(path)
         self.progress = progress
         self.notes: list[str] = []
+        self._file_notes: list[str] = []
         self.rows = self.nbytes = 0
         self.started = time.monotonic()
         self._decoder: Decoder | None = None
@@ -60,6 +65,7 @@ class Exporter:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".part")
         self._file, self._tmp, self._decoder = os.fdopen(fd, "wb"), Path(tmp), decoder
         self.rows = self.nbytes = 0
+        self._file_notes = []
         self.started = time.monotonic()
         if self.format == "csv":  # PostgreSQL's own CSV, with a header line
             header = io.StringIO()
@@ -73,7 +79,7 @@ class Exporter:
                 self._file.write(block)
                 self.rows += block.count(b"\n")  # live figure; quoted newlines count too, the final one is exact
             else:
-                table = pa.Table.from_arrays(self._decoder.decode(block, streaming=True), names=self._names())
+                table = self._table(self._decoder.decode(block, streaming=True))
                 if self._writer is None:
                     self._writer = self._open(table.schema)
                     self._decoder.fixed = True  # from now on a value that does not fit is an error naming it
@@ -90,8 +96,8 @@ class Exporter:
         assert decoder is not None and self._tmp is not None
         try:
             if self.format != "csv" and self._writer is None:  # no rows: the file still has the columns
-                columns = [decoder.finish_column(i, []) for i in range(len(decoder.plans))]
-                self._writer = self._open(pa.Table.from_arrays(columns, names=self._names()).schema)
+                empty = [decoder.finish_column(i, []) for i in range(len(decoder.plans))]
+                self._writer = self._open(self._table(empty).schema)
             if self._writer is not None:
                 self._writer.close()
             self._file.flush()
@@ -102,7 +108,7 @@ class Exporter:
             self.abort()
             raise KerbJupyterError(f"cannot write {self.path}: {err}", code="export_failed") from None
         self._tmp, self._writer, self._file = None, None, None
-        self.rows, self.nbytes, self.notes = max(rows, 0), nbytes, decoder.notes
+        self.rows, self.nbytes, self.notes = max(rows, 0), nbytes, decoder.notes + self._file_notes
         if self.progress is not None:
             self.progress(self)
 
@@ -118,9 +124,19 @@ class Exporter:
             self._tmp.unlink(missing_ok=True)
         self._tmp, self._writer, self._file = None, None, None
 
-    def _names(self) -> list[str]:
+    def _table(self, columns: list[pa.ChunkedArray]) -> pa.Table:
+        """The decoded columns as the file holds them, each field naming its PostgreSQL type."""
         assert self._decoder is not None
-        return [p.name for p in self._decoder.plans]
+        fields = []
+        for i, plan in enumerate(self._decoder.plans):
+            if self.format == "parquet" and columns[i].type != (parts := with_interval_parts(columns[i].type)):
+                columns[i] = pa.chunked_array([interval_parts(c) for c in columns[i].chunks], parts)
+                note = (f"column {plan.name!r} ({plan.type_name}) is written to Parquet, which has no month-day-nano "
+                        "type, as struct<months: int32, days: int32, nanoseconds: int64>")
+                if note not in self._file_notes:
+                    self._file_notes.append(note)
+            fields.append(pa.field(plan.name, columns[i].type, metadata={"pg_type": plan.type_name}))
+        return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
     def _open(self, schema: pa.Schema) -> Any:
         if self.format == "parquet":

@@ -65,8 +65,12 @@ class KerbSqlMagics(Magics):
         1.0, config=True,
         help="Seconds after which a running query shows a 'running for N s' line (0 turns it off). Default 1.",
     )
-    dtype_backend = Enum(["numpy", "pyarrow"], "numpy", config=True, help="dtypes of --dataframe results: "
-                         "'numpy' (pandas' classic dtypes) or 'pyarrow' (pd.ArrowDtype). Default 'numpy'.")
+    dtype_backend = Enum(
+        ["numpy_nullable", "pyarrow", "numpy"], "numpy_nullable", config=True,
+        help="dtypes of --dataframe results, by pandas' names (read_csv's dtype_backend): 'numpy_nullable' (nullable "
+             "Int64/Float64/boolean, datetime64, objects) or 'pyarrow' (pd.ArrowDtype); 'numpy' is 'numpy_nullable'. "
+             "Default 'numpy_nullable'.",
+    )
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -203,7 +207,7 @@ class KerbSqlMagics(Magics):
                 raise UsageError("--to needs one SELECT/WITH/VALUES/TABLE statement (or DML with RETURNING) "
                                  "and no --limit")
             results = self._run(args.cluster, sql, namespace, opts)
-            return self._deliver(args, arrow.result_output(results[-1], output or "", self.dtype_backend), results[:-1])
+            return self._deliver(args, arrow.result_output(results[-1], output or "", self._backend()), results[:-1])
         live = export.live_line() if getattr(self.shell, "kernel", None) is not None else None
         consumer: Any = export.Exporter(args.to, live) if args.to else arrow.Collector()
         results = self._run(args.cluster, sql, namespace, opts, functools.partial(arrow.run_copy, consumer=consumer))
@@ -215,7 +219,11 @@ class KerbSqlMagics(Magics):
             print(f"kerbsql: {consumer.summary()}")
             results[-1].columns = []  # shown as its status line ("COPY n"), not as an empty table
             return self._deliver(args, results[-1], [])
-        return self._deliver(args, arrow.to_output(consumer.table, output or "", self.dtype_backend), [])
+        return self._deliver(args, arrow.to_output(consumer.table, output or "", self._backend()), [])
+
+    def _backend(self) -> str:
+        """arrow.py's name for ``dtype_backend``: "pyarrow", else "numpy" (numpy-backed, nullable dtypes)."""
+        return "pyarrow" if self.dtype_backend == "pyarrow" else "numpy"
 
     def _deliver(self, args: Any, value: Any, earlier: list[ResultSet]) -> Any:
         if args.out and self.shell is not None:

@@ -1,9 +1,10 @@
 """The all-types table of test_values.py through the COPY -> Arrow fast path (--arrow, --dataframe), against psql.
 
-The fast path runs COPY with TimeZone = UTC and IntervalStyle = iso_8601, so psql is asked for the same
-rows under those settings; every cell of the Arrow table and of the DataFrame is compared with the exact Python
-equivalent of psql's text, and the dtypes with the README's table. A column holding a value Arrow cannot hold
-(infinity, BC dates, 24:00:00, NaN in numeric) must be PostgreSQL's text for every value, with a note.
+The fast path runs COPY in the session's time zone with IntervalStyle = iso_8601, so psql is asked for the same
+rows under those settings (in UTC and in Asia/Kathmandu, +05:45 and +05:41:16 before 1920); every cell of the
+Arrow table and of the DataFrame is compared with the exact Python equivalent of psql's text, and the dtypes
+with the README's table. A column holding a value Arrow cannot hold (infinity, BC dates, 24:00:00, NaN in
+numeric) must be PostgreSQL's text for every value, as psql shows it in that session, with a note.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pytest
 from pgvalues import NULL, _array, psql_rows, same
 from test_values import EDGE_ROWS, QUERY, shell, table, ticket  # noqa: F401  # the module's fixtures
 
-UTC_ISO = "-c IntervalStyle=iso_8601"  # with PGTZ=UTC: the settings the fast path's COPY runs with
+ISO = "-c IntervalStyle=iso_8601"  # with PGTZ = the session's zone: the settings the fast path's COPY runs with
+ZONES = ["UTC", "Asia/Kathmandu"]
 ELEMENTS = {1000: 16, 1001: 17, 1005: 21, 1007: 23, 1016: 20, 1028: 26, 1021: 700, 1022: 701, 1231: 1700,
             1182: 1082, 1183: 1083, 1115: 1114, 1185: 1184, 2951: 2950, 1187: 1186}
 _ISO_INTERVAL = re.compile(r"P(?:(-?\d+)Y)?(?:(-?\d+)M)?(?:(-?\d+)D)?(?:T(?:(-?\d+)H)?(?:(-?\d+)M)?(?:(-?[\d.]+)S)?)?")
@@ -34,10 +36,20 @@ def run(shell, code: str) -> Any:  # noqa: F811  # the fixture's name
     return result.result
 
 
+@pytest.fixture(scope="module", params=ZONES)
+def zone(request) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def utc(sandbox, ticket, table):  # noqa: F811
-    """psql's rows of the table under the fast path's session settings."""
-    return psql_rows(sandbox, ticket, QUERY, len(table), tz="UTC", options=UTC_ISO)
+def rows(sandbox, ticket, table, zone):  # noqa: F811
+    """psql's rows of the table under the fast path's session settings, in the session's time zone."""
+    return psql_rows(sandbox, ticket, QUERY, len(table), tz=zone, options=ISO)
+
+
+def in_zone(shell, zone: str) -> None:  # noqa: F811
+    """The session's time zone for the next cells (the fast path's COPY runs in it)."""
+    run(shell, f"%kerbsql analytics SET TIME ZONE '{zone}'")
 
 
 def interval(text: str) -> tuple[int, int, int]:
@@ -76,8 +88,8 @@ def want(text: str | None, arrow_type: pa.DataType, pg_type: str, frame: bool) -
     if pa.types.is_time(arrow_type):
         return dt.time.fromisoformat(text)
     if pa.types.is_timestamp(arrow_type):
-        value = dt.datetime.fromisoformat(text)
-        assert (value.tzinfo is not None) == (arrow_type.tz == "UTC") and value.utcoffset() in (None, dt.timedelta())
+        value = dt.datetime.fromisoformat(text)  # psql's offset, which ``same`` compares
+        assert (value.tzinfo is not None) == (arrow_type.tz is not None)
         return value
     if arrow_type == pa.month_day_nano_interval():
         return interval(text)
@@ -96,6 +108,8 @@ def plain(value: Any) -> Any:
         return value.to_pydatetime()
     if type(value).__name__ == "MonthDayNano":
         return (value.months, value.days, value.nanoseconds)
+    if isinstance(value, dict) and list(value) == ["months", "days", "nanoseconds"]:  # Parquet's and polars' form
+        return tuple(value.values())
     if isinstance(value, (np.integer, np.bool_, np.floating)):
         return value.item()
     return value
@@ -117,33 +131,35 @@ def check_cell(got: Any, expect: Any, where: str) -> None:
 FELL_BACK = {"date", "time", "timestamp", "timestamptz", "numeric"}  # types with kv_all values Arrow cannot hold
 
 
-def test_arrow_tables_hold_every_value_as_psql_prints_it(shell, table, utc, capsys):  # noqa: F811
+def test_arrow_tables_hold_every_value_as_psql_prints_it(shell, table, zone, rows, capsys):  # noqa: F811
+    in_zone(shell, zone)
     result = run(shell, f"%kerbsql analytics --arrow {QUERY}")
     notes = capsys.readouterr().out
-    assert isinstance(result, pa.Table) and result.column_names == table and result.num_rows == len(utc)
+    assert isinstance(result, pa.Table) and result.column_names == table and result.num_rows == len(rows)
     for j, field in enumerate(result.schema):
         pg_type = field.metadata[b"pg_type"].decode()
         if field.name.startswith("c_") and pg_type.removeprefix("_") in FELL_BACK - {"numeric"}:
             assert field.type == pa.string(), (field.name, field.type)  # infinity, BC, 24:00:00 in every one
             assert f"column {field.name!r} ({pg_type}) holds " in notes, field.name
         for i, value in enumerate(result.column(j).to_pylist()):
-            check_cell(value, want(utc[i][j], field.type, pg_type, False), f"row {i + 1}, column {field.name}")
+            check_cell(value, want(rows[i][j], field.type, pg_type, False), f"row {i + 1}, column {field.name}")
     mapped = {n: str(result.schema.field(n).type) for n in ("c_int8", "c_float4", "c_bool", "c_bytea", "c_interval",
                                                               "x_kv_mood", "x_kv_posint", "x_numeric_12_2_",
                                                               "c_int8_array", "x_timestamp_0_with_time_zone")}
     assert mapped == {"c_int8": "int64", "c_float4": "float", "c_bool": "bool", "c_bytea": "binary",
                       "c_interval": "month_day_nano_interval", "x_kv_mood": "dictionary<values=string, indices=int32, "
                       "ordered=0>", "x_kv_posint": "int32", "x_numeric_12_2_": "decimal128(12, 2)",
-                      "c_int8_array": "list<item: int64>", "x_timestamp_0_with_time_zone": "timestamp[us, tz=UTC]"}
+                      "c_int8_array": "list<item: int64>", "x_timestamp_0_with_time_zone": f"timestamp[us, tz={zone}]"}
 
 
-def test_dataframes_hold_every_value_with_the_psycopg_paths_dtypes(shell, table, utc):  # noqa: F811
+def test_dataframes_hold_every_value_with_the_psycopg_paths_dtypes(shell, table, zone, rows):  # noqa: F811
+    in_zone(shell, zone)
     frame = run(shell, f"%kerbsql analytics --dataframe {QUERY}")
     arrow_table = run(shell, f"%kerbsql analytics --arrow {QUERY}")
-    assert list(frame.columns) == table and len(frame) == len(utc)
+    assert list(frame.columns) == table and len(frame) == len(rows)
     dtypes = {"int2": "Int16", "int4": "Int32", "int8": "Int64", "oid": "Int64", "float4": "Float64",
               "float8": "Float64", "bool": "boolean", "timestamp": "datetime64[us]",
-              "timestamptz": "datetime64[us, UTC]"}
+              "timestamptz": f"datetime64[us, {zone}]"}  # the session's zone, as on the psycopg path
     for j, field in enumerate(arrow_table.schema):
         pg_type = field.metadata[b"pg_type"].decode()
         column = frame.iloc[:, j]
@@ -154,7 +170,7 @@ def test_dataframes_hold_every_value_with_the_psycopg_paths_dtypes(shell, table,
         else:
             assert column.dtype == object, (field.name, column.dtype)
         for i in range(len(frame)):
-            expect = want(utc[i][j], field.type, pg_type, True)
+            expect = want(rows[i][j], field.type, pg_type, True)
             got = column.array[i]
             if expect is None and isinstance(got, float) and math.isnan(got) and column.dtype != "Float64":
                 got = None  # pandas' str dtype spells NULL as NaN
@@ -162,6 +178,7 @@ def test_dataframes_hold_every_value_with_the_psycopg_paths_dtypes(shell, table,
 
 
 def test_int8_with_nulls_nan_and_timestamps_are_exact_through_copy(shell, capsys):  # noqa: F811
+    in_zone(shell, "UTC")  # the server's default is Etc/UTC here: that name would be the zone
     frame = run(shell, "%%kerbsql analytics --dataframe" + EDGE_ROWS)
     assert "kerbsql:" not in capsys.readouterr().out  # nothing fell back
     assert {c: str(t) for c, t in frame.dtypes.items()} == {
