@@ -313,3 +313,20 @@ async def test_partial_grants_end_to_end(kernel: KernelSession, notebook: Broker
     assert keeper.state.state == "valid" and keeper.state.refused is None
     assert set(keeper.state.granted) == {notebook.spn("analytics"), notebook.spn("finance")}
     assert kernel.run("%kerbsql finance SELECT 1 AS one").error is None
+
+
+def test_refusals_from_the_broker_are_checked_where_they_enter() -> None:
+    from kerb_jupyter.brokersource import describe_refused, parse_refused
+
+    assert parse_refused(None) == {} and parse_refused(["finance"]) == {}
+    got = parse_refused({
+        "finance": {"reason": "service_not_allowed", "message": "not allowed\nto delegate \x1b[31mto postgres/x"},
+        "orders": {"reason": "Bad Code!", "message": 42},
+        "junk": "not an object",
+        "x" * 200: {"reason": "account_disabled", "message": "m" * 1000},
+    })
+    assert got["finance"] == {"reason": "service_not_allowed", "message": "not allowed to delegate [31mto postgres/x"}
+    assert got["orders"] == {"reason": "refused", "message": "refused by the broker (refused)"}
+    assert "junk" not in got and got["x" * 80]["message"] == "m" * 300
+    assert describe_refused({"b": {"reason": "r", "message": "m2"}, "a": {"reason": "r", "message": "m1"}}) == \
+        "a: m1 (r); b: m2 (r)"

@@ -386,3 +386,21 @@ def test_a_cluster_the_broker_did_not_grant_is_named(broker_notebook):
     assert "GSS" not in check.detail and "finance.login" not in statuses(report)
     assert "grant this cluster to" in check.fix
     assert report.get("analytics.login").status == "ok" and report.get("ticket").status == "ok"
+
+
+def test_a_cluster_the_kdc_refused_is_named_with_the_brokers_reason(broker_notebook):
+    bsb = broker_notebook
+    bsb.realm.set_delegation("broker/localhost", [bsb.spn("analytics")])  # krbAllowedToDelegateTo: analytics only
+    try:
+        keeper = broker_keeper_step(bsb)
+        report = doctor()
+    finally:
+        bsb.realm.set_delegation("broker/localhost", [bsb.spn(n) for n in bsb.servers])
+    refusal = keeper.state.refused["finance"]
+    check = report.get("finance.service_ticket")
+    assert check.status == "fail" and check.data["code"] == "cluster_refused" and not report.ok
+    assert check.detail == (f"the broker refused cluster 'finance' (postgres/127.0.0.1): {refusal['message']} "
+                            f"({refusal['reason']})")
+    assert "msDS-AllowedToDelegateTo" in check.fix
+    assert report.get("keeper").status == "warn" and "the broker refused finance: " in report.get("keeper").detail
+    assert report.get("analytics.login").status == "ok"
