@@ -36,6 +36,7 @@ def bsb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerSandbox]:
     sb = BrokerSandbox(tmp_path_factory.mktemp("broker-service"))
     sb.start()
     sb.realm.add_user("bob")  # in the directory, in no group
+    sb.realm.add_principal("postgres/other")  # a cluster the broker may not delegate to
     yield sb
     sb.stop()
 
@@ -98,6 +99,8 @@ def test_alice_gets_both_clusters_and_it_is_audited(bsb: BrokerSandbox) -> None:
     code, body = post(bsb, payload(bsb, creds(bsb)))
     assert code == 200, body
     assert body["principal"] == bsb.principal and sorted(body["clusters"]) == ["analytics", "finance"]
+    assert set(body) == {"principal", "clusters", "refused", "expires", "cache", "caller_arn", "request_id"}
+    assert body["refused"] == {}
     assert body["clusters"]["finance"]["spn"] == bsb.spn("finance")
     record = audited(bsb, body["request_id"])
     assert record["decision"] == "issued" and record["caller_arn"].endswith(f"/{SSO_ROLE}/alice")
@@ -262,6 +265,77 @@ def _variant(bsb: BrokerSandbox, tmp_path: Path, **changes: Any) -> Path:
     path = tmp_path / "broker.json"
     path.write_text(json.dumps(doc))
     return path
+
+
+def _with_other(bsb: BrokerSandbox, tmp_path: Path, *granted: str) -> Path:
+    """A variant whose policy grants ``granted`` (default: all three), "other" being outside the delegation list."""
+    clusters = {**json.loads(bsb.broker_config.read_text())["clusters"], "other": bsb.realm.principal("postgres/other")}
+    rule = {**json.loads(bsb.broker_config.read_text())["policy"]["rules"][0],
+            "groups": {bsb.realm.group_dn("analysts"): list(granted or clusters)}}
+    return _variant(bsb, tmp_path, clusters=clusters, policy={"rules": [rule]})
+
+
+def _serve(path: Path, bodies: list[bytes]) -> list[tuple[int, dict[str, Any]]]:
+    """``bodies`` POSTed in turn to an in-process broker listening with the settings at ``path``."""
+    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+    from kerb_jupyter.sandbox.procs import free_port
+
+    port = free_port()
+    doc = json.loads(path.read_text())
+    doc["listen"] = {**doc["listen"], "port": port}
+    path.write_text(json.dumps(doc))
+
+    async def run() -> list[tuple[int, dict[str, Any]]]:
+        broker = Broker(load_broker_settings(path))
+        server = broker.listen()
+        client = AsyncHTTPClient(force_instance=True)
+        try:
+            out = []
+            for body in bodies:
+                r = await client.fetch(HTTPRequest(f"http://127.0.0.1:{port}/v1/credentials", method="POST",
+                                                   body=body, request_timeout=30), raise_error=False)
+                out.append((r.code, json.loads(r.body)))
+            return out
+        finally:
+            client.close()
+            server.stop()
+            await broker.close()
+
+    return asyncio.run(run())
+
+
+def test_a_partial_grant_issues_the_others_and_names_the_refused_cluster(bsb: BrokerSandbox, tmp_path: Path) -> None:
+    ((code, body),) = _serve(_with_other(bsb, tmp_path), [json.dumps(payload(bsb, creds(bsb))).encode()])
+    assert code == 200, body
+    assert set(body) == {"principal", "clusters", "refused", "expires", "cache", "caller_arn", "request_id"}
+    assert sorted(body["clusters"]) == ["analytics", "finance"]
+    assert body["expires"] == min(c["expires"] for c in body["clusters"].values())
+    other = bsb.realm.principal("postgres/other")
+    assert list(body["refused"]) == ["other"] and body["refused"]["other"]["reason"] == "service_not_allowed"
+    message = body["refused"]["other"]["message"]
+    assert f"not allowed to delegate to {other}: add {other} to the broker account's delegation list" in message
+    cache = tmp_path / "cc"
+    cache.write_bytes(base64.b64decode(body["cache"]))
+    cache.chmod(0o600)
+    import krb5
+
+    servers = sorted(c.server.name.decode() for c in krb5.cc_resolve(krb5.init_context(), f"FILE:{cache}".encode()))
+    assert servers == sorted([bsb.spn("analytics"), bsb.spn("finance")])
+    (record,) = read_records(tmp_path / "audit.jsonl")
+    assert record["decision"] == "issued" and record["reason"] == "partial"
+    assert record["clusters"] == ["analytics", "finance"]
+    assert record["refused"] == {"other": {"reason": "service_not_allowed", "message": message}}
+
+
+def test_every_cluster_refused_is_403_with_the_reasons(bsb: BrokerSandbox, tmp_path: Path) -> None:
+    ((code, body),) = _serve(_with_other(bsb, tmp_path, "other"), [json.dumps(payload(bsb, creds(bsb))).encode()])
+    assert code == 403, body
+    assert set(body) == {"error", "request_id", "refused"} and body["error"] == "forbidden"
+    assert body["refused"]["other"]["reason"] == "service_not_allowed"
+    (record,) = read_records(tmp_path / "audit.jsonl")
+    assert record["decision"] == "refused" and record["reason"] == "service_not_allowed"
+    assert record["clusters"] == [] and record["refused"] == body["refused"]
 
 
 def test_tls_with_the_notebook_checking_the_broker_against_its_ca_bundle(bsb: BrokerSandbox,

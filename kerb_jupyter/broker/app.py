@@ -2,8 +2,10 @@
 
 Each request: rate limit by source address -> the signed request's own checks -> replay refusal -> STS ->
 rate limit by ARN -> policy -> rate limit and hourly issue cap by principal -> S4U (in a thread) -> the cache.
-Refusals answer 401/403/429 with a generic body and the request id; the reason goes to the audit log and the
-broker's log only. Every request, refused or not, leaves exactly one audit record.
+Refusals before issuing answer 401/403/429 with a generic body and the request id; the reason goes to the audit
+log and the broker's log only. Clusters are issued independently: the answer lists the issued ones and, under
+``refused``, each one the KDC refused with its reason and a one-line message naming what to change; 403 (with
+``refused``) only when the KDC refused them all. Every request, refused or not, leaves exactly one audit record.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..errors import CredentialsRejectedError, IdentityError, KdcUnreachableErro
 from .audit import OUTAGES, AuditLog, OutageLog
 from .auth import AuthError, Caller, check_request, parse_caller, parse_payload
 from .groups import GroupDirectory
-from .issue import DelegationRefused, Issuer
+from .issue import Issuer
 from .policy import Decision, Denied
 from .settings import BrokerSettings, PolicyHolder
 from .store import Store, StoreUnavailable, make_store
@@ -37,15 +39,20 @@ log = logging.getLogger(__name__)
 class Refused(Exception):
     """Stops a request: HTTP status, audited reason, optional caller/principal for the record."""
 
-    def __init__(self, status: int, reason: str, detail: str, *, public: str | None = None) -> None:
+    def __init__(self, status: int, reason: str, detail: str, *, public: str | None = None,
+                 refused: dict[str, dict[str, str]] | None = None) -> None:
         super().__init__(detail)
         self.status, self.reason, self.detail, self.public = status, reason, detail, public
+        self.refused = refused  # the KDC's refusal of every cluster: shown to the caller
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.issued = Counter("kerb_jupyter_broker_issued", "Credential caches issued", registry=self.registry)
+        self.clusters_refused = Counter("kerb_jupyter_broker_clusters_refused",
+                                        "Clusters the KDC refused to issue, by reason", ["reason"],
+                                        registry=self.registry)
         self.refused = Counter("kerb_jupyter_broker_refused", "Requests refused, by reason", ["reason"],
                                registry=self.registry)
         self.latency = Histogram("kerb_jupyter_broker_request_seconds", "Time to answer POST /v1/credentials",
@@ -141,12 +148,11 @@ class Broker:
         self.outages.recovered("ldap_unavailable")
         return decision
 
-    async def issue(self, decision: Decision) -> dict[str, Any]:
+    async def issue(self, decision: Decision, record: dict[str, Any]) -> dict[str, Any]:
+        """Issue the decision's clusters; records what was issued and refused in ``record``. Raises Refused."""
         try:
             issued = await asyncio.to_thread(self.issuer.issue, decision.principal, decision.clusters,
                                              decision.lifetime)
-        except DelegationRefused as err:
-            raise Refused(403, err.code, str(err)) from None
         except KdcUnreachableError as err:
             raise Refused(503, "kdc_unreachable", str(err), public="the broker cannot reach the KDC") from None
         except IdentityError as err:
@@ -156,10 +162,20 @@ class Broker:
         self.outages.recovered("kdc_unreachable")
         for step, seconds in issued.timings.items():
             self.metrics.kdc.labels("s4u2self" if step == "s4u2self" else "s4u2proxy").observe(seconds)
+        refused = {n: r.as_dict() for n, r in sorted(issued.refused.items())}
+        record.update(clusters=sorted(issued.clusters), refused=refused)
+        for name, r in sorted(issued.refused.items()):
+            self.metrics.clusters_refused.labels(r.reason).inc()
+            log.warning("broker: request %s: %s refused for %s (%s): %s", record["request_id"], name,
+                        issued.principal, r.reason, r.message)
+        if not issued.clusters:
+            reason = ",".join(sorted({r.reason for r in issued.refused.values()}))
+            raise Refused(403, reason, f"the KDC refused every cluster for {issued.principal}", refused=refused)
         spns = decision.clusters
         return {
             "principal": issued.principal,
             "clusters": {n: {"spn": spns[n], "expires": end} for n, end in issued.clusters.items()},
+            "refused": refused,
             "expires": min(issued.clusters.values()),
             "cache": base64.b64encode(issued.cache).decode(),
         }
@@ -179,7 +195,7 @@ class Broker:
             await self._limit("principal:" + decision.principal, limits.per_principal, "rate_limited_principal")
             await self._limit("issued:" + decision.principal, (limits.issues_per_principal_hour, 3600.0),
                               "issue_cap")
-            answer = await self.issue(decision)
+            answer = await self.issue(decision, record)
             answer["caller_arn"] = caller.arn
         except StoreUnavailable as err:
             self._audit(record, "refused", err.code, str(err))
@@ -191,7 +207,7 @@ class Broker:
             log.exception("broker: request %s failed unexpectedly", request_id)
             self._audit(record, "refused", "internal_error", type(err).__name__)
             raise Refused(500, "internal_error", type(err).__name__) from None
-        self._audit(record, "issued", "ok", "")
+        self._audit(record, "issued", "partial" if answer["refused"] else "ok", "")
         return answer
 
     def _audit(self, record: dict[str, Any], decision: str, reason: str, detail: str) -> None:
@@ -241,9 +257,11 @@ class CredentialsHandler(_Base):
         except Refused as err:
             outcome = err.reason
             self.set_status(err.status)
-            doc = {"error": _GENERIC.get(err.status, err.reason), "request_id": request_id}
+            doc: dict[str, Any] = {"error": _GENERIC.get(err.status, err.reason), "request_id": request_id}
             if err.status >= 500:
                 doc["message"] = err.public or "the broker cannot issue tickets right now"
+            if err.refused is not None:
+                doc["refused"] = err.refused
             self.finish(doc)
             return
         finally:
