@@ -45,7 +45,7 @@ from .tickets import TicketInfo
 MAX_ANSWER = 1 << 20
 MAX_REFUSAL = 1 << 16  # a 403 listing every cluster refused, each with a one-line message
 REASON_CODES = ("user_not_delegable", "account_disabled", "service_not_allowed", "broker_not_trusted",
-                "unknown_principal", "service_unknown")  # the broker's today; an unknown code is shown as sent
+                "unknown_principal", "service_unknown", "kdc_refused")  # the broker's; another is shown as sent
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _KEYS = {"type", "url", "audience", "region", "ca_bundle", "sts_url", "timeout"}
 
