@@ -17,6 +17,7 @@ from helpers import KernelSession, start_extensions, wait_keeper
 from kerb_jupyter import tickets
 from kerb_jupyter.cli import main
 from kerb_jupyter.doctor import INSTALL_RECORD, run_doctor
+from kerb_jupyter.doctor_checks import find_servers
 from kerb_jupyter.keeper import TicketKeeper
 from kerb_jupyter.sandbox.broker import AUDIENCE
 from kerb_jupyter.sandbox.procs import free_port
@@ -229,7 +230,8 @@ def test_extension_check_asks_the_running_server(healthy, tmp_path, enabled):
            "--KerbJupyterApp.start_keeper=False", "--allow-root"]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: list(runtime.glob("jpserver-*.json")) or server.poll() is not None, timeout=60)
+        # find_servers, not a glob: the info file can be seen before the server has finished writing it
+        wait_for(lambda: find_servers(runtime) or server.poll() is not None, timeout=60)
         assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
         check = doctor("analytics", runtime_dir=runtime).get("extension")
     finally:
