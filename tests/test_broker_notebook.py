@@ -249,13 +249,14 @@ async def _call(jp_fetch: Any, *parts: str, method: str = "GET") -> tuple[int, d
 
 @pytest.mark.browser
 async def test_partial_grants_end_to_end(kernel: KernelSession, notebook: BrokerSandbox, jp_serverapp: Any,
-                                         jp_fetch: Any, jp_base_url: str) -> None:
+                                         jp_fetch: Any, jp_base_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     """The KDC will not let the broker delegate to finance (krbAllowedToDelegateTo names analytics only): analytics
     is issued and kept, finance is shown refused with the broker's reason everywhere; then every cluster refused,
     then the delegation restored, with the keeper asking again by itself."""
     from test_status_page import status_page
 
     from kerb_jupyter.brokersource import REASON_CODES
+    from kerb_jupyter.cli import main
 
     broker = "broker/localhost"
     keeper = jp_serverapp.extension_manager.extension_points["kerb_jupyter"].app.keeper
@@ -286,6 +287,8 @@ async def test_partial_grants_end_to_end(kernel: KernelSession, notebook: Broker
         shown = kernel.run("%kerbstatus").data[0]["text/plain"]
         assert f"refused by the broker: finance: {refusal['message']} (service_not_allowed)" in shown
         assert f"granted by the broker: {notebook.spn('analytics')} until" in shown
+        assert main(["status"]) == 0  # kerb-jupyter status: the same lines, from the cache and state.json
+        assert f"refused by the broker: finance: {refusal['message']}" in capsys.readouterr().out
         # the status page
         async with status_page(jp_serverapp, jp_base_url) as page:
             await page.wait_for_selector("tr[data-cluster=finance] td.result.refused")

@@ -406,3 +406,14 @@ def test_a_cluster_the_kdc_refused_is_named_with_the_brokers_reason(broker_noteb
     assert "msDS-AllowedToDelegateTo" in check.fix
     assert report.get("keeper").status == "warn" and "the broker refused finance: " in report.get("keeper").detail
     assert report.get("analytics.login").status == "ok"
+
+
+def test_a_broker_notebook_need_not_reach_the_kdc(broker_notebook, tmp_path):
+    bsb = broker_notebook
+    dead = free_port()
+    _krb5_conf_copy(bsb, tmp_path, lambda t: t.replace(f"127.0.0.1:{bsb.realm.port}", f"127.0.0.1:{dead}"))
+    report = doctor()
+    kdc = report.get("kdc")
+    assert kdc.status == "warn" and "connection refused" in kdc.detail and "only the broker needs the KDC" in kdc.detail
+    assert report.ok, repr(report)  # the service tickets it holds are all libpq needs
+    assert report.get("analytics.login").status == "ok" and report.get("finance.login").status == "ok"
