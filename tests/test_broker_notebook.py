@@ -144,7 +144,7 @@ async def test_kerbsql_as_alice_on_two_clusters_with_no_secret_of_hers(
 
 
 async def test_a_cluster_not_granted_is_one_clear_line(kernel: KernelSession, notebook: BrokerSandbox,
-                                                       jp_serverapp: Any) -> None:
+                                                       jp_serverapp: Any, jp_fetch: Any) -> None:
     original = notebook.broker_config.read_text()
     doc = json.loads(original)
     doc["policy"]["rules"][0]["groups"] = {notebook.realm.group_dn("analysts"): ["analytics"]}
@@ -160,6 +160,9 @@ async def test_a_cluster_not_granted_is_one_clear_line(kernel: KernelSession, no
         out = kernel.run("%kerbsql finance SELECT 1")
         assert out.stderr.startswith("UsageError: the broker did not grant a ticket for cluster 'finance'"), out.text
         assert "Traceback" not in out.text and len(out.stderr.strip().splitlines()) == 1
+        code, body = await _call(jp_fetch, "clusters", "finance", "check", method="POST")
+        assert code == 409 and body["error"]["code"] == "not_granted", body
+        assert keeper.state.refused is None  # the policy's choice, not a KDC refusal: nothing to show as refused
     finally:
         notebook.broker_config.write_text(original)
         notebook.stop_broker()
