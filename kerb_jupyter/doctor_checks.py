@@ -192,8 +192,11 @@ def broker_check(spec: dict[str, Any], timeout: float) -> Check:
         with urllib.request.urlopen(url + "/healthz", timeout=timeout, context=ctx) as resp:  # noqa: S310 - checked
             doc = json.loads(resp.read(65536))
     except urllib.error.HTTPError as err:
-        body = err.read(4096).decode(errors="replace")
-        status = (json.loads(body).get("status") if body.startswith("{") else None) or err.reason
+        try:
+            answer = json.loads(err.read(4096))
+        except ValueError:
+            answer = None
+        status = (answer.get("status") if isinstance(answer, dict) else None) or err.reason
         return _c("source", "fail", f"broker {url}: /healthz answers {err.code} ({status}); {tls}",
                   "see the broker's log (store_unavailable: its Redis cannot be reached)", health=err.code)
     except (OSError, ValueError) as err:

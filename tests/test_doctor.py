@@ -417,3 +417,26 @@ def test_a_broker_notebook_need_not_reach_the_kdc(broker_notebook, tmp_path):
     assert kdc.status == "warn" and "connection refused" in kdc.detail and "only the broker needs the KDC" in kdc.detail
     assert report.ok, repr(report)  # the service tickets it holds are all libpq needs
     assert report.get("analytics.login").status == "ok" and report.get("finance.login").status == "ok"
+
+
+def test_an_unhealthy_broker_is_red_with_what_its_healthz_says(broker_notebook, tmp_path):
+    from kerb_jupyter.sandbox.redis_server import RedisServer
+
+    bsb = broker_notebook
+    redis = RedisServer(tmp_path / "redis").start()
+    bsb.stop_broker()
+    bsb.write_broker_config(store=redis.url)  # replay and rate state in Redis, as several instances share it
+    try:
+        bsb.start_broker()
+        assert doctor("analytics").get("source").status == "ok"
+        redis.stop()  # the broker is up, its store is not: it refuses every request
+        report = doctor("analytics")
+    finally:
+        redis.stop()
+        bsb.stop_broker()
+        bsb.write_broker_config()
+        bsb.start_broker()
+    check = report.get("source")
+    assert check.status == "fail" and check.data["health"] == 503 and not report.ok
+    assert f"broker {bsb.broker_url}: /healthz answers 503 (store_unavailable)" in check.detail
+    assert "Redis" in check.fix
