@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from kerb_jupyter.broker.auth import parse_arn
+from kerb_jupyter.broker.groups import Membership
 from kerb_jupyter.broker.policy import Decision, Denied, Policy, parse_policy
 from kerb_jupyter.broker.settings import PolicyHolder, load_broker_settings, parse_broker_settings
 from kerb_jupyter.errors import ConfigError
@@ -35,9 +36,9 @@ def policy(*rules: dict[str, Any]) -> Policy:
 
 def decide(p: Policy, arn: str = SSO, source: str = "10.1.2.3", groups: frozenset[str] | None = None,
            now: float | None = None) -> Decision:
-    async def lookup(principal: str) -> frozenset[str]:
+    async def lookup(principal: str) -> Membership:
         assert principal == "alice@KERB.TEST"
-        return groups or frozenset()
+        return Membership(groups or frozenset())
 
     return asyncio.run(p.decide(parse_arn(arn), source, lookup if groups is not None else None, now))
 

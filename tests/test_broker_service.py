@@ -258,6 +258,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _variant(bsb: BrokerSandbox, tmp_path: Path, **changes: Any) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     doc = json.loads(bsb.broker_config.read_text())
     doc["audit_log"] = str(tmp_path / "audit.jsonl")
     for key, value in changes.items():
@@ -473,7 +474,8 @@ def test_a_store_outage_fails_closed_with_503_and_is_logged_once(bsb: BrokerSand
     caplog.set_level(logging.INFO, logger="kerb_jupyter.broker")
 
     def logged() -> list[tuple[str, str]]:
-        lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("kerb_jupyter.broker")]
+        lines = [(r.levelname, r.getMessage()) for r in caplog.records
+                 if r.name.startswith("kerb_jupyter.broker") and r.name != "kerb_jupyter.broker.groups"]
         caplog.clear()
         return lines
 
@@ -506,7 +508,7 @@ def test_other_refusals_are_still_logged_one_by_one(bsb: BrokerSandbox, tmp_path
 def test_a_directory_outage_is_a_503_not_no_groups(bsb: BrokerSandbox, tmp_path: Path) -> None:
     from kerb_jupyter.sandbox.procs import free_port
 
-    path = _variant(bsb, tmp_path, ldap={"url": f"ldap://127.0.0.1:{free_port()}", "timeout": 1})
+    path = _variant(bsb, tmp_path, ldap={"url": f"ldaps://127.0.0.1:{free_port()}", "timeout": 1})
     broker = Broker(load_broker_settings(path))
     with pytest.raises(Refused) as err:
         asyncio.run(broker.handle(json.dumps(payload(bsb, creds(bsb))).encode(), "127.0.0.1", "no-ldap"))
@@ -546,3 +548,110 @@ def test_the_audit_log_never_writes_through_a_symlink(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         audit.record(request_id="r2", source="127.0.0.1", decision="refused", reason="replay")
     assert victim.read_text() == ""
+
+
+class TlsRecorder:
+    """A real TLS listener (its own CA) that records every handshake and every byte of application data."""
+
+    def __init__(self, root: Path) -> None:
+        import socket
+        import ssl
+        import threading
+
+        from kerb_jupyter.sandbox.ldap import make_tls
+
+        root.mkdir(parents=True, exist_ok=True)
+        self.ca, cert, key = make_tls(root, ("127.0.0.1",))
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(cert), str(key))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.handshakes, self.failed, self.received = 0, 0, b""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import ssl
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            conn.settimeout(3)
+            try:
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    self.handshakes += 1
+                    while chunk := tls.recv(4096):  # never answers: the client times out
+                        self.received += chunk
+            except (ssl.SSLError, OSError):
+                self.failed += 1
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def _ldap_refusal(bsb: BrokerSandbox, tmp_path: Path, request_id: str, **ldap: Any) -> Refused:
+    path = _variant(bsb, tmp_path, ldap={"timeout": 1, **ldap})
+    broker = Broker(load_broker_settings(path))
+    with pytest.raises(Refused) as err:
+        asyncio.run(broker.handle(json.dumps(payload(bsb, creds(bsb))).encode(), "127.0.0.1", request_id))
+    return err.value
+
+
+def test_ldaps_with_a_wrong_ca_never_sends_the_password(bsb: BrokerSandbox, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    password = bsb.realm.slapd.reader_password.encode()
+    recorder = TlsRecorder(tmp_path / "impostor")
+    try:
+        url = f"ldaps://127.0.0.1:{recorder.port}"
+        # The broker trusts the real directory's CA, not the impostor's: no handshake, nothing sent.
+        err = _ldap_refusal(bsb, tmp_path, "wrong-ca", url=url, ca_bundle=str(bsb.realm.slapd.ca_cert))
+        assert err.status == 503 and err.reason == "ldap_unavailable" and "CERTIFICATE_VERIFY_FAILED" in err.detail
+        assert recorder.handshakes == 0 and recorder.failed >= 1 and recorder.received == b""
+        # The same listener trusted (its CA given): the handshake completes and the bind, password included,
+        # arrives - so an empty recording above means nothing was sent, not that the recorder missed it.
+        _ldap_refusal(bsb, tmp_path / "trusting", "trusting", url=url, ca_bundle=str(recorder.ca))
+        assert recorder.handshakes == 1 and password in recorder.received
+    finally:
+        recorder.close()
+    record = read_records(tmp_path / "audit.jsonl")[0]
+    assert record["request_id"] == "wrong-ca" and record["reason"] == "ldap_unavailable"
+    assert record["caller_arn"].endswith("/alice")
+    logged = bsb.audit_log.read_text() + (tmp_path / "audit.jsonl").read_text() + caplog.text
+    assert password.decode() not in logged
+
+
+def test_ldaps_checks_the_host_name_and_the_real_directory_with_a_wrong_ca(bsb: BrokerSandbox,
+                                                                          tmp_path: Path) -> None:
+    slapd = bsb.realm.slapd
+    impostor_ca = TlsRecorder(tmp_path / "other-ca")
+    impostor_ca.close()
+    err = _ldap_refusal(bsb, tmp_path, "real-wrong-ca", url=slapd.ldaps_url, ca_bundle=str(impostor_ca.ca))
+    assert err.reason == "ldap_unavailable" and "CERTIFICATE_VERIFY_FAILED" in err.detail
+    err = _ldap_refusal(bsb, tmp_path / "name", "wrong-name", url=slapd.ldaps_url, ca_bundle=str(slapd.ca_cert),
+                        server_name="dc1.elsewhere.test")  # the right CA, a certificate for another name
+    assert err.reason == "ldap_unavailable" and "dc1.elsewhere.test" in err.detail
+    path = _variant(bsb, tmp_path / "ok", ldap={"url": slapd.ldaps_url, "ca_bundle": str(slapd.ca_cert),
+                                                 "server_name": "localhost"})
+    assert outcomes(bsb, Broker(load_broker_settings(path)), [(creds(bsb), "127.0.0.1")]) == ["issued"]
+
+
+def test_plain_ldap_needs_an_explicit_opt_in_and_is_logged(bsb: BrokerSandbox, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    plain = {"url": bsb.realm.slapd.url, "ca_bundle": None}
+    with pytest.raises(ConfigError, match="plain LDAP: the bind password"):
+        load_broker_settings(_variant(bsb, tmp_path, ldap=plain))
+    path = _variant(bsb, tmp_path, ldap={**plain, "allow_plain_ldap": True})
+    caplog.set_level(logging.WARNING, logger="kerb_jupyter.broker")
+    broker = Broker(load_broker_settings(path))
+    assert any("is plain LDAP (allow_plain_ldap)" in r.getMessage() for r in caplog.records)
+    assert outcomes(bsb, broker, [(creds(bsb), "127.0.0.1")]) == ["issued"]

@@ -136,9 +136,10 @@ class Broker:
             raise Refused(401, err.code, str(err)) from None
 
     async def decide(self, caller: Caller, source: str) -> Decision:
-        lookup = self.groups.groups if self.groups else None
+        lookup = self.groups.lookup if self.groups else None
+        rename = self.groups.renames if self.groups else False
         try:
-            decision = await self.policy.policy.decide(caller, source, lookup)
+            decision = await self.policy.policy.decide(caller, source, lookup, rename=rename)
         except Denied as err:
             raise Refused(403, err.code, str(err)) from None
         except KerbJupyterError as err:

@@ -103,7 +103,8 @@ class BrokerSandbox(BaseSandbox):
             "kerberos": {"principal": self.realm.principal("broker/localhost"), "keytab": str(self.broker_keytab),
                          "max_lifetime": 3600},
             "clusters": {name: self.spn(name) for name in self.servers},
-            "ldap": {"url": self.realm.slapd.url, "base": self.realm.people, "bind_dn": self.realm.slapd.reader_dn,
+            "ldap": {"url": self.realm.slapd.ldaps_url, "ca_bundle": str(self.realm.slapd.ca_cert),
+                     "base": self.realm.people, "bind_dn": self.realm.slapd.reader_dn,
                      "password_file": str(reader), "cache_seconds": 60},
             "audit_log": str(self.audit_log),
             "policy": {"rules": [{
