@@ -11,7 +11,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,22 +178,53 @@ def test_health_and_metrics(bsb: BrokerSandbox) -> None:
     assert 'kerb_jupyter_broker_kdc_seconds_count{step="s4u2proxy"}' in text
 
 
-def test_oversized_requests_are_cut_off(bsb: BrokerSandbox) -> None:
-    big = json.dumps({"headers": {}, "body": "A" * 20000}).encode()
-    req = urllib.request.Request(bsb.broker_url + "/v1/credentials", data=big, method="POST")
-    with pytest.raises((urllib.error.HTTPError, urllib.error.URLError, ConnectionError)):
-        urllib.request.urlopen(req, timeout=10)
+def test_an_oversized_body_is_413_with_json_and_audited(bsb: BrokerSandbox) -> None:
+    big = json.dumps({"headers": {}, "body": "A" * 20000}).encode()  # max_body is 16384
+    code, body = post(bsb, big)
+    assert code == 413 and body["error"] == "too_large" and "over 16384 bytes" in body["message"]
+    record = audited(bsb, body["request_id"])
+    assert record["decision"] == "refused" and record["reason"] == "body_too_large"
+
+
+def test_a_request_signed_for_another_region(bsb: BrokerSandbox) -> None:
+    wrong = sign_request(creds(bsb), "eu-west-1", bsb.sts.url + "/", AUDIENCE)  # the broker is configured for us-east-1
+    refused(bsb, wrong, 401, "wrong_region")
+
+
+def test_a_request_accepted_before_a_restart_is_refused_after_it(bsb: BrokerSandbox) -> None:
+    """The memory store forgets what it saw: the broker refuses anything signed before it started."""
+    import time
+
+    p = payload(bsb, creds(bsb))
+    assert post(bsb, p)[0] == 200
+    time.sleep(1.1)  # SigV4 dates have one-second resolution
+    bsb.stop_broker()
+    bsb.start_broker()
+    refused(bsb, p, 401, "signed_before_start")
+    assert post(bsb, payload(bsb, creds(bsb)))[0] == 200  # a request signed now is fine
 
 
 def test_sighup_keeps_a_good_policy_and_takes_a_new_one(bsb: BrokerSandbox) -> None:
     original = bsb.broker_config.read_text()
     try:
         doc = json.loads(original)
+        original_role = doc["policy"]["rules"][0]["role"]
         doc["policy"]["rules"][0]["role"] = "*"  # trusts a caller-chosen session name: refused
         bsb.broker_config.write_text(json.dumps(doc))
         bsb.reload_broker()
         assert _wait_log(bsb, "previous one stays in force")
         assert post(bsb, payload(bsb, creds(bsb)))[0] == 200
+        doc["policy"]["rules"][0]["role"] = original_role
+        doc["policy"]["rules"][0]["mapping"] = {"rules": [{"regex": "(unclosed", "principal": "{name}@KERB.TEST"}]}
+        bsb.broker_config.write_text(json.dumps(doc))
+        bsb.reload_broker()
+        assert _wait_log(bsb, "previous one stays in force", count=2)
+        with urllib.request.urlopen(bsb.broker_url + "/healthz", timeout=10) as resp:
+            health = json.loads(resp.read())
+        assert health["status"] == "ok" and health["policy_reload_error"] is True
+        assert "previous one stays in force" in health["policy_error"] and "does not compile" in health["policy_error"]
+        code, body = post(bsb, payload(bsb, creds(bsb)))
+        assert code == 200 and sorted(body["clusters"]) == ["analytics", "finance"]  # the old policy, no 500
         doc = json.loads(original)
         doc["policy"]["rules"][0]["groups"] = {bsb.realm.group_dn("analysts"): ["analytics"]}
         bsb.broker_config.write_text(json.dumps(doc))
@@ -276,8 +307,9 @@ def _with_other(bsb: BrokerSandbox, tmp_path: Path, *granted: str) -> Path:
     return _variant(bsb, tmp_path, clusters=clusters, policy={"rules": [rule]})
 
 
-def _serve(path: Path, bodies: list[bytes]) -> list[tuple[int, dict[str, Any]]]:
-    """``bodies`` POSTed in turn to an in-process broker listening with the settings at ``path``."""
+def _serve(path: Path, bodies: list[Callable[[], bytes]]) -> list[tuple[int, dict[str, Any]]]:
+    """Each body (made after the broker started: it refuses requests signed before) POSTed in turn to an
+    in-process broker listening with the settings at ``path``."""
     from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
     from kerb_jupyter.sandbox.procs import free_port
@@ -295,7 +327,7 @@ def _serve(path: Path, bodies: list[bytes]) -> list[tuple[int, dict[str, Any]]]:
             out = []
             for body in bodies:
                 r = await client.fetch(HTTPRequest(f"http://127.0.0.1:{port}/v1/credentials", method="POST",
-                                                   body=body, request_timeout=30), raise_error=False)
+                                                   body=body(), request_timeout=30), raise_error=False)
                 out.append((r.code, json.loads(r.body)))
             return out
         finally:
@@ -307,7 +339,7 @@ def _serve(path: Path, bodies: list[bytes]) -> list[tuple[int, dict[str, Any]]]:
 
 
 def test_a_partial_grant_issues_the_others_and_names_the_refused_cluster(bsb: BrokerSandbox, tmp_path: Path) -> None:
-    ((code, body),) = _serve(_with_other(bsb, tmp_path), [json.dumps(payload(bsb, creds(bsb))).encode()])
+    ((code, body),) = _serve(_with_other(bsb, tmp_path), [lambda: json.dumps(payload(bsb, creds(bsb))).encode()])
     assert code == 200, body
     assert set(body) == {"principal", "clusters", "refused", "expires", "cache", "caller_arn", "request_id"}
     assert sorted(body["clusters"]) == ["analytics", "finance"]
@@ -330,7 +362,8 @@ def test_a_partial_grant_issues_the_others_and_names_the_refused_cluster(bsb: Br
 
 
 def test_every_cluster_refused_is_403_with_the_reasons(bsb: BrokerSandbox, tmp_path: Path) -> None:
-    ((code, body),) = _serve(_with_other(bsb, tmp_path, "other"), [json.dumps(payload(bsb, creds(bsb))).encode()])
+    signed = [lambda: json.dumps(payload(bsb, creds(bsb))).encode()]
+    ((code, body),) = _serve(_with_other(bsb, tmp_path, "other"), signed)
     assert code == 403, body
     assert set(body) == {"error", "request_id", "refused"} and body["error"] == "forbidden"
     assert body["refused"]["other"]["reason"] == "service_not_allowed"
@@ -409,12 +442,12 @@ def test_requests_queued_behind_a_stalled_sts_get_503_never_500(bsb: BrokerSandb
     path = _variant(bsb, tmp_path, listen={"port": port},
                     sts={"endpoint": f"http://127.0.0.1:{stalled.getsockname()[1]}/",
                          "host": f"127.0.0.1:{bsb.sts.port}", "timeout": 1, "max_clients": 1})
-    bodies = [json.dumps(payload(bsb, creds(bsb))).encode() for _ in range(4)]
     caplog.set_level(logging.DEBUG, logger="kerb_jupyter.broker")
 
     async def run() -> list[tuple[int, dict[str, Any]]]:
         broker = Broker(load_broker_settings(path))
         server = broker.listen()
+        bodies = [json.dumps(payload(bsb, creds(bsb))).encode() for _ in range(4)]  # signed after it started
         client = AsyncHTTPClient(force_instance=True)
         try:
             answers = await asyncio.gather(*(client.fetch(HTTPRequest(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, IdentityError, KerbJupyterError
-from ..mapping import map_identity
+from ..mapping import map_identity, validate_spec
 from .auth import Caller
 from .groups import Membership
 
@@ -181,6 +181,7 @@ def _rule(raw: Any, no: int, clusters: dict[str, str]) -> Rule:
             raise ConfigError(f"{where}: '{key}' must be a string")
     if not isinstance(raw["mapping"], dict) or not isinstance(raw["mapping"].get("rules"), list):
         raise ConfigError(f"{where}: 'mapping' must be an object with a 'rules' list (see kerb_jupyter.mapping)")
+    validate_spec(raw["mapping"], where)  # an uncompilable regex, an unknown field: refused here, not per request
     names = _names(raw.get("clusters", []), where + ".clusters", clusters)
     groups_raw = raw.get("groups", {})
     if not isinstance(groups_raw, dict):

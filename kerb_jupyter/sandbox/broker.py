@@ -99,7 +99,7 @@ class BrokerSandbox(BaseSandbox):
         doc: dict[str, Any] = {
             "listen": {"address": "127.0.0.1", "port": self.broker_port},
             "audience": AUDIENCE,
-            "sts": {"endpoint": self.sts.url + "/", "timeout": 5},
+            "sts": {"endpoint": self.sts.url + "/", "region": REGION, "timeout": 5},
             "kerberos": {"principal": self.realm.principal("broker/localhost"), "keytab": str(self.broker_keytab),
                          "max_lifetime": 3600},
             "clusters": {name: self.spn(name) for name in self.servers},
