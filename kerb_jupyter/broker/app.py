@@ -31,7 +31,7 @@ from .groups import GroupDirectory
 from .issue import Issuer
 from .policy import Decision, Denied
 from .settings import BrokerSettings, PolicyHolder
-from .store import Store, StoreUnavailable, make_store
+from .store import MemoryStore, Store, StoreUnavailable, make_store
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ class Broker:
         if hasattr(self.store, "collector"):  # RedisStore: store_up, store_failures, store_outages
             self.metrics.registry.register(self.store.collector())
         self.groups = GroupDirectory(settings.ldap, self.store) if settings.ldap else None
+        # A memory store forgets the signatures it saw when the broker restarts: requests signed before this
+        # second are refused (SigV4 dates have one-second resolution). A Redis store remembers them itself.
+        self.not_before = float(int(time.time())) if isinstance(self.store, MemoryStore) else None
 
     def application(self) -> tornado.web.Application:
         return tornado.web.Application([
@@ -96,7 +99,9 @@ class Broker:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ssl_ctx.load_cert_chain(str(s.tls_cert), str(s.tls_key))
-        server = tornado.httpserver.HTTPServer(self.application(), ssl_options=ssl_ctx, max_body_size=s.limits.max_body,
+        # Bodies up to max_body are read, larger ones (up to a hard cap, streamed and dropped) get a 413 with an
+        # audit record; past the cap tornado closes the connection.
+        server = tornado.httpserver.HTTPServer(self.application(), ssl_options=ssl_ctx, max_body_size=body_cap(s),
                                                body_timeout=10, idle_connection_timeout=60)
         server.listen(s.port, address=s.address)
         return server
@@ -111,7 +116,8 @@ class Broker:
         except ValueError:
             raise Refused(401, "malformed", "the body is not JSON") from None
         try:
-            req = check_request(parse_payload(doc), audience=self.settings.audience, sts_host=self.settings.sts_host)
+            req = check_request(parse_payload(doc), audience=self.settings.audience, sts_host=self.settings.sts_host,
+                                region=self.settings.sts_region, not_before=self.not_before)
         except AuthError as err:
             raise Refused(401, err.code, str(err)) from None
         if not await self.store.first_use("sig:" + req.signature, 2 * 300 + 60):
@@ -136,9 +142,10 @@ class Broker:
             raise Refused(401, err.code, str(err)) from None
 
     async def decide(self, caller: Caller, source: str) -> Decision:
-        lookup = self.groups.groups if self.groups else None
+        lookup = self.groups.lookup if self.groups else None
+        rename = self.groups.renames if self.groups else False
         try:
-            decision = await self.policy.policy.decide(caller, source, lookup)
+            decision = await self.policy.policy.decide(caller, source, lookup, rename=rename)
         except Denied as err:
             raise Refused(403, err.code, str(err)) from None
         except KerbJupyterError as err:
@@ -210,6 +217,12 @@ class Broker:
         self._audit(record, "issued", "partial" if answer["refused"] else "ok", "")
         return answer
 
+    def oversized(self, size: int, source: str, request_id: str) -> None:
+        """Audit a request refused for its body size (raises Refused when the audit log cannot be written)."""
+        record = {"request_id": request_id, "source": source}
+        self._audit(record, "refused", "body_too_large", f"{size} bytes, over limits.max_body "
+                    f"{self.settings.limits.max_body}")
+
     def _audit(self, record: dict[str, Any], decision: str, reason: str, detail: str) -> None:
         if decision == "issued":
             self.metrics.issued.inc()
@@ -232,7 +245,12 @@ class Broker:
         await self.store.close()
 
 
-_GENERIC = {401: "unauthenticated", 403: "forbidden", 429: "rate_limited"}
+_GENERIC = {401: "unauthenticated", 403: "forbidden", 413: "too_large", 429: "rate_limited"}
+
+
+def body_cap(settings: BrokerSettings) -> int:
+    """The most a request body may be before the connection is closed unanswered (413 below it)."""
+    return max(16 * settings.limits.max_body, 1 << 20)
 
 
 class _Base(tornado.web.RequestHandler):
@@ -247,13 +265,32 @@ class _Base(tornado.web.RequestHandler):
         self.finish({"error": _GENERIC.get(status_code, "error")})
 
 
+@tornado.web.stream_request_body
 class CredentialsHandler(_Base):
+    """Streams the body: keeps at most ``max_body`` bytes, counts the rest, refuses an oversized one with 413."""
+
+    def prepare(self) -> None:
+        self._body = bytearray()
+        self._size = 0
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size <= self.broker.settings.limits.max_body:
+            self._body += chunk
+
     async def post(self) -> None:
         started = time.perf_counter()
         request_id = uuid.uuid4().hex[:16]
         outcome = "issued"
         try:
-            answer = await self.broker.handle(self.request.body, self.request.remote_ip or "?", request_id)
+            if self._size > self.broker.settings.limits.max_body:
+                outcome = "body_too_large"
+                self.broker.oversized(self._size, self.request.remote_ip or "?", request_id)
+                self.set_status(413)
+                self.finish({"error": "too_large", "request_id": request_id,
+                             "message": f"the request body is over {self.broker.settings.limits.max_body} bytes"})
+                return
+            answer = await self.broker.handle(bytes(self._body), self.request.remote_ip or "?", request_id)
         except Refused as err:
             outcome = err.reason
             self.set_status(err.status)
@@ -279,8 +316,11 @@ class HealthHandler(_Base):
             self.set_status(503)
             self.finish({"status": "store_unavailable"})
             return
+        error = self.broker.policy.last_error
         self.finish({"status": "ok", "policy_rules": len(self.broker.policy.policy.rules),
-                     "policy_reload_error": self.broker.policy.last_error is not None})
+                     "policy_reload_error": error is not None,
+                     "policy_error": None if error is None else f"the new policy was refused, the previous one stays "
+                                                                 f"in force: {error[:300]}"})
 
 
 class MetricsHandler(_Base):

@@ -18,10 +18,10 @@ retry (``OUTAGES``). An unknown code is a permanent ``kdc_refused``: never a 503
 Delegation refusals (``KDC_ERR_BADOPTION`` from Windows and MIT, ``KDC_ERR_POLICY`` from Samba) do not say
 whose fault they are. The evidence ticket does: the KDC makes it forwardable only when the broker is trusted
 for protocol transition AND the user may be delegated. Forwardable evidence -> the service is not in the
-broker's delegation list; otherwise the broker impersonates itself once (AD, Samba), or, where the KDC refuses
-that (MIT), the last user it got forwardable evidence for: forwardable -> this user cannot be delegated
-(NOT_DELEGATED, Protected Users), not -> the broker is not trusted. With neither probe possible (an MIT KDC and
-no user issued since start-up) the reason is ``broker_not_trusted`` and the message names both causes.
+broker's delegation list; otherwise the broker impersonates again the last user it got forwardable evidence for
+(itself it cannot: MIT's and Samba's KDCs refuse that with KDC_ERR_PADATA_TYPE_NOSUPP): forwardable -> this user
+cannot be delegated (NOT_DELEGATED, Protected Users), not -> the broker is not trusted. With no such user since
+start-up the reason is ``broker_not_trusted`` and the message names both possible causes.
 
 Raises (outages, the whole request): KdcUnreachableError, CredentialsRejectedError (the broker's own key),
 TicketError (``broker_ticket``, ``clock_skew``, ``invalid_request``), IdentityError (``invalid_request``).
@@ -285,8 +285,8 @@ class Issuer:
         if _forwardable(user_cc, principal, self.service_principal):
             reason = SERVICE_NOT_ALLOWED
         else:
-            trusted = self._trusted(ctx, svc, self.service_principal)
-            if trusted is None and self._delegable not in (None, principal):
+            trusted = None  # impersonating itself is refused (KDC_ERR_PADATA_TYPE_NOSUPP: MIT and Samba KDCs)
+            if self._delegable not in (None, principal):
                 trusted = self._trusted(ctx, svc, str(self._delegable))
             reason = USER_NOT_DELEGABLE if trusted else BROKER_NOT_TRUSTED
         out = dict(refused)
