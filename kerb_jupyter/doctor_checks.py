@@ -203,10 +203,12 @@ def broker_check(spec: dict[str, Any], timeout: float) -> Check:
         return _c("source", "fail", f"broker {url}: /healthz did not answer: {err}", "see the broker's log")
     doc = doc if isinstance(doc, dict) else {}
     reload_error = bool(doc.get("policy_reload_error"))
+    why = doc.get("policy_error") if isinstance(doc.get("policy_error"), str) else ""
     detail = (f"broker {url}: {tls}; /healthz {doc.get('status')} ({doc.get('policy_rules', '?')} policy rule(s)"
-              + (", the last policy reload FAILED: the old policy is in force)" if reload_error else ")"))
+              + (f"; its last policy reload FAILED, the old policy is in force: {why[:300]})" if reload_error
+                 else ")"))
     return _c("source", "warn" if reload_error else "ok", detail,
-              "see the broker's log for the policy error" if reload_error else "", health=200)
+              "fix the broker's policy file and send it SIGHUP again" if reload_error else "", health=200)
 
 
 def _tls_handshake(host: str, port: int, ctx: ssl.SSLContext, timeout: float) -> str:

@@ -440,3 +440,20 @@ def test_an_unhealthy_broker_is_red_with_what_its_healthz_says(broker_notebook, 
     assert check.status == "fail" and check.data["health"] == 503 and not report.ok
     assert f"broker {bsb.broker_url}: /healthz answers 503 (store_unavailable)" in check.detail
     assert "Redis" in check.fix
+
+
+def test_a_refused_policy_reload_is_a_warning_with_the_brokers_reason(broker_notebook):
+    bsb = broker_notebook
+    original = bsb.broker_config.read_text()
+    doc = json.loads(original)
+    doc["policy"]["rules"][0]["mapping"] = {"rules": [{"regex": "(unclosed", "template": "{name}@KERB.TEST"}]}
+    bsb.broker_config.write_text(json.dumps(doc))
+    bsb.reload_broker()
+    try:
+        wait_for(lambda: doctor("analytics").get("source").status == "warn", timeout=10)
+        check = doctor("analytics").get("source")
+    finally:
+        bsb.broker_config.write_text(original)
+        bsb.reload_broker()
+    assert "its last policy reload FAILED, the old policy is in force: the new policy was refused" in check.detail
+    assert "SIGHUP" in check.fix
