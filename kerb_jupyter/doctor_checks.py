@@ -203,7 +203,7 @@ def broker_check(spec: dict[str, Any], timeout: float) -> Check:
         return _c("source", "fail", f"broker {url}: /healthz did not answer: {err}", "see the broker's log")
     doc = doc if isinstance(doc, dict) else {}
     reload_error = bool(doc.get("policy_reload_error"))
-    why = doc.get("policy_error") if isinstance(doc.get("policy_error"), str) else ""
+    why = str(doc.get("policy_error") or "")
     detail = (f"broker {url}: {tls}; /healthz {doc.get('status')} ({doc.get('policy_rules', '?')} policy rule(s)"
               + (f"; its last policy reload FAILED, the old policy is in force: {why[:300]})" if reload_error
                  else ")"))
