@@ -6,6 +6,11 @@
 No secret of the user exists on the notebook: the request is signed with the notebook's own AWS credentials
 (the role it already has), and the answer is a cache holding service tickets only (no TGT), which the keeper
 stores atomically in the shared cache and fetches again before the first ticket expires.
+
+The broker issues each cluster on its own: a 200 lists the clusters granted and those the KDC refused, each with
+a reason code and a one-line message (``refused``); a 403 that lists refusals means none was granted. The refusals
+are kept on the source (the keeper copies them into its state), so the status page, ``%kerbstatus``, the doctor and
+``%%kerbsql`` on a refused cluster name the broker's reason instead of "not granted".
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import ssl
 import urllib.error
 import urllib.request
@@ -37,6 +43,10 @@ from .errors import (
 from .tickets import TicketInfo
 
 MAX_ANSWER = 1 << 20
+MAX_REFUSAL = 1 << 16  # a 403 listing every cluster refused, each with a one-line message
+REASON_CODES = ("user_not_delegable", "account_disabled", "service_not_allowed", "broker_not_trusted",
+                "unknown_principal", "service_unknown", "kdc_refused")  # the broker's; another is shown as sent
+_REASON = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _KEYS = {"type", "url", "audience", "region", "ca_bundle", "sts_url", "timeout"}
 
 
@@ -52,14 +62,16 @@ class BrokerSource:
     kind: str = "broker"
     can_acquire: bool = True
     granted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    refused: dict[str, dict[str, str]] = field(default_factory=dict)  # cluster -> {"reason", "message"}
     caller_arn: str | None = None
 
     def describe(self) -> str:
         return f"broker {self.url}"
 
     def acquire(self, principal: str | None, cache: Path, lifetime: int | None, renew_life: int | None) -> TicketInfo:
-        """Ask the broker; store its cache atomically at ``cache``. Raises CredentialsRejectedError (refused),
-        KdcUnreachableError (broker, STS or KDC unreachable: retry), SourceError, CacheError."""
+        """Ask the broker; store its cache atomically at ``cache``. Raises CredentialsRejectedError (the caller
+        refused), SourceError coded ``clusters_refused`` (every cluster refused by the KDC: retried, an administrator
+        can fix it), KdcUnreachableError (broker, STS or KDC unreachable: retry), SourceError, CacheError."""
         answer = self._ask()
         got = str(answer.get("principal", ""))
         if principal is not None and got.lower() != principal.lower():
@@ -71,6 +83,7 @@ class BrokerSource:
         store_cache(data, cache)
         granted = answer.get("clusters")
         self.granted = granted if isinstance(granted, dict) else {}
+        self.refused = parse_refused(answer.get("refused"))
         return tickets.read_cache(cache, allow_expired=True)
 
     def resolver(self, cache: Path) -> Callable[[], tuple[dict[str, Any], str]]:
@@ -84,8 +97,11 @@ class BrokerSource:
             except KerbJupyterError as err:
                 # The keeper retries identity errors coded aws_unreachable; every other one waits for the user.
                 raise IdentityError(str(err), code="aws_unreachable") from None
+            detail = f"clusters {', '.join(sorted(self.granted))}"
+            if self.refused:
+                detail += f"; refused {', '.join(sorted(self.refused))}"
             identity = {"name": self.caller_arn or info.principal, "source": "broker", "trusted": True,
-                        "arn": self.caller_arn, "detail": f"clusters {', '.join(sorted(self.granted))}"}
+                        "arn": self.caller_arn, "detail": detail}
             return identity, info.principal
 
         return resolve
@@ -106,7 +122,13 @@ class BrokerSource:
             with urllib.request.urlopen(req, timeout=self.timeout, context=ctx) as resp:  # noqa: S310 - checked
                 body = resp.read(MAX_ANSWER)
         except urllib.error.HTTPError as err:
-            raise _refusal(err.code, err.read(4096)) from None
+            doc = _json_object(err.read(MAX_REFUSAL))
+            refused = parse_refused(doc.get("refused")) if err.code == 403 else {}
+            if refused:  # the caller was accepted, but the KDC refused every cluster: say which and why
+                self.granted, self.refused = {}, refused
+                raise SourceError(f"the broker granted no cluster: {describe_refused(refused)} (request id "
+                                  f"{str(doc.get('request_id', '?'))[:40]})", code="clusters_refused") from None
+            raise _refusal(err.code, doc) from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise KdcUnreachableError(f"cannot reach the broker at {self.url}: {reason}",
@@ -131,12 +153,44 @@ def _default_credentials(region: str) -> Callable[[], Any]:
     return get
 
 
-def _refusal(status: int, body: bytes) -> KerbJupyterError:
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body)
     except ValueError:
-        doc = {}
-    doc = doc if isinstance(doc, dict) else {}
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _one_line(value: Any, limit: int = 300) -> str:
+    """A value from the broker as one printable line (no control characters, no newlines), at most ``limit``."""
+    text = " ".join(value.split()) if isinstance(value, str) else ""
+    return "".join(ch for ch in text if ch.isprintable())[:limit]
+
+
+def parse_refused(value: Any) -> dict[str, dict[str, str]]:
+    """The broker's ``refused`` map, checked where it enters: cluster -> {"reason": code, "message": one line}.
+
+    Anything malformed is dropped or replaced (a reason that is not a short identifier becomes ``refused``); at most
+    64 clusters are kept."""
+    if not isinstance(value, dict):
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for name, item in list(value.items())[:64]:
+        cluster = _one_line(name, 80)
+        if not cluster or not isinstance(item, dict):
+            continue
+        reason = item.get("reason")
+        code = reason if isinstance(reason, str) and _REASON.fullmatch(reason) else "refused"
+        out[cluster] = {"reason": code, "message": _one_line(item.get("message")) or f"refused by the broker ({code})"}
+    return out
+
+
+def describe_refused(refused: dict[str, dict[str, str]]) -> str:
+    """``analytics: <message> (reason); finance: ...``, in name order."""
+    return "; ".join(f"{name}: {r['message']} ({r['reason']})" for name, r in sorted(refused.items()))
+
+
+def _refusal(status: int, doc: dict[str, Any]) -> KerbJupyterError:
     rid = str(doc.get("request_id", "?"))[:40]
     if status in (401, 403):
         return CredentialsRejectedError(
@@ -160,15 +214,29 @@ def store_cache(data: bytes, cache: Path) -> None:
         os.replace(tmp, cache)
 
 
-def require_grant(info: TicketInfo, cluster: ClusterConfig) -> None:
-    """For a cache of service tickets only (from the broker): raise TicketError if none is for ``cluster``."""
+def grant_problem(info: TicketInfo, cluster: ClusterConfig, refused: Any = None) -> tuple[str, str] | None:
+    """For a cache of service tickets only (from the broker): None if it holds one for ``cluster``, else
+    (code, one-line message). ``refused``: the keeper's ``refused`` map (from state.json), whose reason is named."""
     if not info.services:
-        return
+        return None
     wanted = f"{cluster.krbsrvname}/{cluster.host}".lower()
-    if not any(spn.rsplit("@", 1)[0].lower() == wanted for spn, _ in info.services):
-        granted = ", ".join(spn for spn, _ in info.services)
-        raise TicketError(f"the broker did not grant a ticket for cluster {cluster.name!r} ({wanted}); "
-                          f"granted: {granted}", code="not_granted")
+    if any(spn.rsplit("@", 1)[0].lower() == wanted for spn, _ in info.services):
+        return None
+    reason = parse_refused(refused).get(cluster.name)
+    if reason is not None:
+        return "cluster_refused", (f"the broker refused cluster {cluster.name!r} ({wanted}): {reason['message']} "
+                                   f"({reason['reason']})")
+    granted = ", ".join(spn for spn, _ in info.services)
+    return "not_granted", (f"the broker did not grant a ticket for cluster {cluster.name!r} ({wanted}); "
+                           f"granted: {granted}")
+
+
+def require_grant(info: TicketInfo, cluster: ClusterConfig, state: dict[str, Any] | None = None) -> None:
+    """Raise TicketError (one line, the broker's reason when it refused the cluster) when a broker cache holds no
+    ticket for ``cluster``. ``state``: the keeper's snapshot (state.json), for its ``refused`` map."""
+    problem = grant_problem(info, cluster, (state or {}).get("refused"))
+    if problem is not None:
+        raise TicketError(problem[1], code=problem[0])
 
 
 def build_broker_source(spec: dict[str, Any]) -> BrokerSource:

@@ -20,6 +20,7 @@ from .errors import KerbJupyterError
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
+    from .sandbox.ad import ADSandbox
     from .sandbox.broker import BrokerSandbox
 
 
@@ -30,13 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     sb.add_argument("--dir", help="state directory (default: a new temporary directory, removed on exit)")
     sb.add_argument("--no-lab", action="store_true", help="start only the realm and the database(s); print "
                     "one JSON line with the environment a Jupyter server needs, then wait for Ctrl-C")
-    sb.add_argument("--clusters", default="analytics,finance", help="comma-separated cluster names "
-                    "(one PostgreSQL server each; default: analytics,finance)")
+    sb.add_argument("--clusters", help="comma-separated cluster names (one PostgreSQL server each; default: "
+                    "analytics,finance; with --ad: analytics,finance,orders, the only names its directory plans)")
     sb.add_argument("--kdc-port", type=int, default=0, help="KDC port (default: a free one)")
     sb.add_argument("--pg-port", type=int, action="append", default=[], help="PostgreSQL port, once per cluster")
     sb.add_argument("--lab-port", type=int, default=0, help="JupyterLab port (default: a free one)")
     sb.add_argument("--broker", action="store_true", help="no user secret anywhere: an LDAP-backed realm, moto "
                     "STS for AWS, the credential broker, and a notebook configuration whose source is the broker")
+    sb.add_argument("--ad", action="store_true", help="Active Directory: a Samba AD DC on a private loopback "
+                    "address (users, nested groups, delegation), PostgreSQL clusters whose service keytabs come "
+                    "from AD, and a keytab-source configuration for alice (first start ~1-2 min)")
     st = sub.add_parser("status", help="show the ticket in the shared cache and the keeper's state")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     kc = sub.add_parser("krb5-conf", help="print a krb5.conf for an Active Directory realm (for lifecycle scripts)")
@@ -91,15 +95,22 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def run_sandbox(args: argparse.Namespace) -> int:
+    from .errors import SandboxError
     from .sandbox import Sandbox
     from .sandbox.procs import free_port, stop_process
 
+    if args.ad and args.broker:
+        raise SandboxError("--ad and --broker are separate sandboxes: choose one")
     signal.signal(signal.SIGTERM, _raise_interrupt)
     temporary = args.dir is None
     root = Path(args.dir or tempfile.mkdtemp(prefix="kerb-jupyter-sandbox-"))
-    clusters = [c.strip() for c in args.clusters.split(",") if c.strip()]
-    sandbox: Sandbox | BrokerSandbox
-    if args.broker:
+    clusters = [c.strip() for c in (args.clusters or "analytics,finance").split(",") if c.strip()]
+    sandbox: Sandbox | BrokerSandbox | ADSandbox
+    if args.ad:
+        from .sandbox.ad import ADSandbox
+
+        sandbox = ADSandbox(root, clusters=clusters if args.clusters else None)
+    elif args.broker:
         from .sandbox.broker import BrokerSandbox
 
         sandbox = BrokerSandbox(root, clusters=clusters)
@@ -127,7 +138,7 @@ def run_sandbox(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _start_lab(sandbox: Sandbox | BrokerSandbox, port: int) -> subprocess.Popen[bytes]:
+def _start_lab(sandbox: Sandbox | BrokerSandbox | ADSandbox, port: int) -> subprocess.Popen[bytes]:
     notebooks = sandbox.root / "notebooks"
     notebooks.mkdir(exist_ok=True)
     demo = Path(__file__).parent / "sandbox" / "demo.ipynb"

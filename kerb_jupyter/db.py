@@ -98,7 +98,7 @@ class Session:
             return conn
         self.connections.pop(name, None)
         info = check_ticket(self.settings)
-        require_grant(info, cluster)  # a broker cache: say so when this cluster was not granted
+        require_grant(info, cluster, keeper_state(self.settings))  # a broker cache: the cluster's grant
         conn = connect(cluster, info.principal, self.settings)
         self.connections[name] = conn
         return conn

@@ -3,6 +3,11 @@
 Host checks (configuration, krb5.conf, DNS, KDC ports, clock, identity, principal, credential source, the
 shared cache, the keeper, the install record, the running server) come first, then one group per cluster
 (TCP, service ticket, login, transport, ``rds_ad``). Nothing here prints a secret; no server imports.
+
+With the broker source the expectations change: no principal is configured (the broker says who the user is),
+the cache holds service tickets that are not renewable (the keeper asks the broker again), the notebook need not
+reach a KDC itself, the broker's TLS and ``/healthz`` are checked, and a cluster the broker did not grant (or the
+KDC refused, with the broker's reason) is named as such.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from . import db, tickets
+from .brokersource import describe_refused, parse_refused
 from .config import Settings, load_settings
-from .doctor_checks import Check, cluster_checks, find_servers, server_check
+from .doctor_checks import Check, broker_check, cluster_checks, find_servers, server_check
 from .errors import KerbJupyterError
 from .krbprobe import KRB_ERROR_NAMES, Krb5Conf, krb5_conf_path, parse_krb5_conf, probe_kdc, split_host_port, tcp_open
 
@@ -80,6 +86,12 @@ class Doctor:
         self.principal: str | None = None
         self.ticket: tickets.TicketInfo | None = None
 
+    @property
+    def broker(self) -> bool:
+        """The credential source is the broker (tickets for clusters, no principal, nothing renewable)."""
+        source = self.settings.source if self.settings is not None else None
+        return bool(source) and isinstance(source, dict) and source.get("type") == "broker"
+
     def add(self, name: str, status: str, detail: str, fix: str = "", **data: Any) -> Check:
         check = Check(name, status, detail, fix, data)
         self.checks.append(check)
@@ -101,9 +113,10 @@ class Doctor:
             if not names:
                 self.add("clusters", "warn", "no clusters are configured", "add a 'clusters' section to the "
                          "configuration file (name -> host, port, dbname)")
+            refused = (db.keeper_state(self.settings) or {}).get("refused") if self.broker else None
             for name in names:
                 self.checks.extend(cluster_checks(self.settings, name, self.conf, self.ticket, self.principal,
-                                                  self.timeout))
+                                                  self.timeout, refused))
         return Report(self.checks)
 
     # -- host ----------------------------------------------------------------------------------------
@@ -173,6 +186,14 @@ class Doctor:
             self.add("identity", "ok", f"principal {s.principal} set in the configuration (not enforced by AWS: "
                      "whoever edits the file chooses it)", trusted=False)
             return
+        if self.broker:
+            state = db.keeper_state(s) or {}
+            who = (state.get("identity") or {}).get("name")
+            last = (f"; its last answer named {state['principal']}" + (f" (AWS identity {who})" if who else "")
+                    if state.get("principal") else "; the keeper has not had an answer yet")
+            self.add("identity", "ok", f"no principal needed: the broker says who the user is, from the notebook's "
+                     f"AWS identity{last}", trusted=True)
+            return
         if not (s.identity or s.mapping):
             self.add("identity", "fail", "no principal and no identity/mapping rules in the configuration",
                      "set 'principal', or 'identity' + 'mapping' (README 'Identity mapping')")
@@ -222,8 +243,10 @@ class Doctor:
                 reached.append(f"{host}:{port}/{transport} ({KRB_ERROR_NAMES.get(answer.error_code or 0, 'answered')})")
                 if answer.kdc_time is not None:
                     skews.append(self.clock() - answer.kdc_time)
-        status = "ok" if reached and not problems else ("warn" if reached else "fail")
+        status = "ok" if reached and not problems else ("warn" if reached or self.broker else "fail")
         detail = "; ".join([*(f"reached {r}" for r in reached), *problems]) or "no KDC host resolved"
+        if self.broker and status != "ok":
+            detail += " (with the broker source only the broker needs the KDC: the notebook uses service tickets)"
         self.add("kdc", status, detail, "" if status == "ok" else "the notebook's subnet and security groups must "
                  "reach the domain controllers on TCP and UDP 88 and 464 (and DNS on 53); check the kdc lines")
         self._kpasswd(realm or "", entries)
@@ -269,6 +292,8 @@ class Doctor:
                          "copy the user's keytab there (mode 0600, owned by the notebook user)")
             else:
                 self.add("source", "ok", f"keytab {path} is readable ({path.stat().st_size} bytes)")
+        elif kind == "broker":
+            self.checks.append(broker_check(s.source, self.timeout))
         elif kind.startswith("secretsmanager"):
             self.add("source", "ok", f"{kind} {s.source.get('secret_id')} (not fetched by the doctor; the keeper's "
                      "last report is below)")
@@ -300,6 +325,13 @@ class Doctor:
                      "below; `kerb-jupyter status` shows the cache")
             return
         self.ticket = info
+        if self.broker:
+            self.add("ticket", "ok", f"{info.principal}: service tickets from the broker for "
+                     f"{', '.join(spn for spn, _ in info.services) or 'no cluster'}, valid for "
+                     f"{(info.endtime - now) / 60:.0f} min, not renewable (by design: the keeper asks the broker "
+                     "again before they expire)", principal=info.principal, endtime=info.endtime,
+                     services=[spn for spn, _ in info.services])
+            return
         renew = (f"renewable for {(info.renew_till - now) / 3600:.1f} h" if info.renewable
                  else "NOT renewable")
         status = "ok" if info.renewable else "warn"
@@ -316,8 +348,12 @@ class Doctor:
         err = state.get("last_error") or {}
         bad = state.get("state") in ("error", "expired", "retrying")
         detail = f"state {state.get('state')!r}" + (f", last error: {err.get('message')}" if err else "")
-        self.add("keeper", "fail" if bad else "ok", detail, "fix the error above, then POST api/renew or restart",
-                 state=state.get("state"))
+        refused = parse_refused(state.get("refused"))
+        if refused:
+            detail += f"; the broker refused {describe_refused(refused)}"
+        fix = ("fix the error above, then POST api/renew or restart" if bad else
+               "the broker's administrator fixes each reason named; the keeper asks the broker again by itself")
+        self.add("keeper", "fail" if bad else ("warn" if refused else "ok"), detail, fix, state=state.get("state"))
 
     def _install_record(self) -> None:
         s = self.settings

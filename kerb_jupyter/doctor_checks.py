@@ -1,17 +1,22 @@
-"""The doctor's per-cluster checks (TCP, service ticket, login, transport, ``rds_ad``) and the running-server check."""
+"""The doctor's per-cluster checks (TCP, service ticket, login, transport, ``rds_ad``), the broker's health and TLS,
+and the running-server check."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import db, tickets
+from .brokersource import grant_problem
 from .config import ClusterConfig, Settings
 from .errors import KerbJupyterError
 from .krbprobe import Krb5Conf, tcp_open
@@ -34,7 +39,8 @@ def _c(name: str, status: str, detail: str, fix: str = "", **data: Any) -> Check
 
 
 def cluster_checks(settings: Settings, name: str, conf: Krb5Conf | None, ticket: tickets.TicketInfo | None,
-                   principal: str | None, timeout: float) -> list[Check]:
+                   principal: str | None, timeout: float, refused: Any = None) -> list[Check]:
+    """``refused``: the keeper's last ``refused`` map (broker source), so a refused cluster is named with its reason."""
     try:
         cluster = settings.cluster(name)
     except KerbJupyterError as err:
@@ -52,6 +58,15 @@ def cluster_checks(settings: Settings, name: str, conf: Krb5Conf | None, ticket:
                             "and the cluster must be running")]
     if ticket is None:
         return [*out, _c(f"{name}.service_ticket", "skip", "no valid ticket in the shared cache (see above)")]
+    problem = grant_problem(ticket, cluster, refused)  # a broker cache without this cluster's ticket
+    if problem is not None:
+        who = ticket.principal
+        fix = (f"the KDC refused the broker's delegation for {who}: the broker's administrator fixes the reason "
+               "named (account flags, msDS-AllowedToDelegateTo); the keeper asks again by itself"
+               if problem[0] == "cluster_refused" else
+               f"ask the broker's administrator to grant this cluster to {who} (the broker's policy rule and "
+               "groups), and to name it the same in the broker's 'clusters'")
+        return [*out, _c(f"{name}.service_ticket", "fail", problem[1], fix, code=problem[0])]
     out.append(service_ticket_check(cluster, conf, ticket))
     if out[-1].status == "fail":
         return out
@@ -139,6 +154,74 @@ def login_checks(cluster: ClusterConfig, principal: str, settings: Settings, cac
                          f"{current} is {'a' if ok else 'NOT a'} member of rds_ad",
                          "" if ok else f'GRANT rds_ad TO "{current}" (Kerberos logins on RDS need it)'))
     return out
+
+
+def broker_check(spec: dict[str, Any], timeout: float) -> Check:
+    """The broker source: TCP, then TLS against ``ca_bundle`` (or the system store), then ``GET /healthz``."""
+    url = str(spec.get("url", "")).rstrip("/")
+    parts = urlsplit(url)
+    host, https = parts.hostname or "", parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    ca = spec.get("ca_bundle")
+    trust = f"ca_bundle {ca}" if ca else "the system CA store (no ca_bundle set)"
+    ctx = None
+    if https:
+        try:
+            ctx = ssl.create_default_context(cafile=ca)
+        except (OSError, ssl.SSLError) as err:
+            return _c("source", "fail", f"broker {url}: {trust} cannot be read as PEM certificates: {err}",
+                      "point source.ca_bundle at the PEM file of the CA that signed the broker's certificate")
+    try:
+        if ctx is None:
+            tcp_open(host, port, timeout)
+        tls = _tls_handshake(host, port, ctx, timeout) if ctx is not None else "plain http (loopback only)"
+    except ssl.SSLCertVerificationError as err:
+        return _c("source", "fail", f"broker {url}: its TLS certificate is not trusted by {trust}: "
+                  f"{err.verify_message or err.reason}", "set source.ca_bundle to the CA that signed the broker's "
+                  "certificate (PEM), and use the host name the certificate names", tls="untrusted")
+    except ssl.SSLError as err:
+        return _c("source", "fail", f"broker {url}: TLS handshake failed: {err.reason or err}",
+                  "the broker must serve TLS 1.2 or later on this port (listen.tls_cert/tls_key)", tls="failed")
+    except OSError as err:
+        reason = "connection refused (the broker is down or not listening there)" if isinstance(
+            err, ConnectionRefusedError) else (str(err) or type(err).__name__)
+        return _c("source", "fail", f"broker {url} cannot be reached: {reason}",
+                  "start the broker (systemctl status kerb-jupyter-broker); the notebook's security group must "
+                  f"reach it on TCP {port}", reachable=False)
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=timeout, context=ctx) as resp:  # noqa: S310 - checked
+            doc = json.loads(resp.read(65536))
+    except urllib.error.HTTPError as err:
+        try:
+            answer = json.loads(err.read(4096))
+        except ValueError:
+            answer = None
+        status = (answer.get("status") if isinstance(answer, dict) else None) or err.reason
+        return _c("source", "fail", f"broker {url}: /healthz answers {err.code} ({status}); {tls}",
+                  "see the broker's log (store_unavailable: its Redis cannot be reached)", health=err.code)
+    except (OSError, ValueError) as err:
+        return _c("source", "fail", f"broker {url}: /healthz did not answer: {err}", "see the broker's log")
+    doc = doc if isinstance(doc, dict) else {}
+    reload_error = bool(doc.get("policy_reload_error"))
+    why = str(doc.get("policy_error") or "")
+    detail = (f"broker {url}: {tls}; /healthz {doc.get('status')} ({doc.get('policy_rules', '?')} policy rule(s)"
+              + (f"; its last policy reload FAILED, the old policy is in force: {why[:300]})" if reload_error
+                 else ")"))
+    return _c("source", "warn" if reload_error else "ok", detail,
+              "fix the broker's policy file and send it SIGHUP again" if reload_error else "", health=200)
+
+
+def _tls_handshake(host: str, port: int, ctx: ssl.SSLContext, timeout: float) -> str:
+    """Verify the broker's certificate and host name; a line naming the protocol, subject and expiry. Raises."""
+    with socket.create_connection((host, port), timeout=timeout) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as tls:
+        cert = tls.getpeercert() or {}
+        version = tls.version()
+    subject = dict(x[0] for x in cert.get("subject", ()) if x)  # type: ignore[misc]
+    until = cert.get("notAfter")
+    expiry = (datetime.fromtimestamp(ssl.cert_time_to_seconds(str(until)), timezone.utc).strftime("%Y-%m-%d")
+              if until else "?")
+    return f"TLS verified ({version}, certificate for {subject.get('commonName', host)} valid until {expiry})"
 
 
 def find_servers(runtime_dir: Path | None = None) -> list[dict[str, Any]]:

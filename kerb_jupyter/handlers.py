@@ -21,6 +21,7 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
 from . import db
+from .brokersource import require_grant
 from .errors import KerbJupyterError, UnknownClusterError
 from .threads import in_daemon_thread
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 AUTH_RESOURCE = "kerb_jupyter"
 HTTP_STATUS = {"unknown_cluster": 404, "rate_limited": 429, "checks_busy": 429, "not_configured": 409,
-               "credentials_rejected": 409}
+               "credentials_rejected": 409, "not_granted": 409, "cluster_refused": 409}
 
 
 class RateLimiter:
@@ -187,6 +188,7 @@ def check_cluster(app: KerbJupyterApp, name: str) -> dict[str, Any]:
     """Connect with the shared ticket and report who we are there. Raises KerbJupyterError."""
     cluster = app.settings_obj.cluster(name)
     info = db.check_ticket(app.settings_obj)
+    require_grant(info, cluster, app.keeper.state.as_dict() if app.keeper else None)  # the broker's reason, if any
     started = time.perf_counter()
     with db.connect(cluster, info.principal) as conn:
         try:

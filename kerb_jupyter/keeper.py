@@ -60,6 +60,7 @@ class KeeperState:
     cache: str | None = None
     clock_skew: float | None = None
     granted: dict[str, int] | None = None  # broker source: service principal -> its ticket's end time
+    refused: dict[str, dict[str, str]] | None = None  # broker source: cluster -> {reason, message}
     updated_at: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
@@ -315,6 +316,7 @@ class TicketKeeper:
 
     def _persist(self) -> None:
         """Write state.json; a state directory that cannot be used is reported, never fatal to the keeper."""
+        self.state.refused = getattr(self.source, "refused", None) or None  # the broker's last per-cluster refusals
         try:
             self._save()
         except (KerbJupyterError, OSError) as err:

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from . import db, tickets
+from .brokersource import parse_refused
 from .config import Settings
 from .errors import KerbJupyterError
 
@@ -27,7 +28,8 @@ class CredentialStatus:
     def colour(self) -> str:
         if self.ticket is None:
             return "red"
-        if (self.keeper or {}).get("state") in ("retrying", "error") or self.ticket.remaining() < 900:
+        keeper = self.keeper or {}
+        if keeper.get("state") in ("retrying", "error") or keeper.get("refused") or self.ticket.remaining() < 900:
             return "amber"
         return "green"
 
@@ -45,6 +47,7 @@ class CredentialStatus:
             if who.get("name"):
                 trust = "enforced by AWS" if who.get("trusted") else "claimed"
                 out.append(f"identity: {who['name']} (from {who.get('source')}, {trust})")
+            out.extend(_broker_lines(k))
             out.append(f"keeper: {k.get('state')}, last renewal {_clock(k.get('last_renewal'))}, "
                        f"next {_clock(k.get('next_attempt'))}")
             if k.get("last_error"):
@@ -62,6 +65,19 @@ class CredentialStatus:
         rows = "".join(f"<div>{html.escape(line)}</div>" for line in self.lines())
         return (f"<div class='kerbstatus' data-colour='{self.colour}' style='border-left:6px solid "
                 f"{colours[self.colour]};padding:4px 10px'>{rows}</div>")
+
+
+def _broker_lines(keeper: dict[str, Any]) -> list[str]:
+    """The broker's last answer: the service tickets granted, then each refused cluster with the broker's reason."""
+    out = []
+    granted = keeper.get("granted")
+    if isinstance(granted, dict) and granted:
+        out.append("granted by the broker: " + ", ".join(
+            f"{spn} until {_clock(end) if isinstance(end, int | float) else '?'}"
+            for spn, end in sorted(granted.items())))
+    for name, refusal in sorted(parse_refused(keeper.get("refused")).items()):
+        out.append(f"refused by the broker: {name}: {refusal['message']} ({refusal['reason']})")
+    return out
 
 
 def credential_status(settings: Settings) -> CredentialStatus:

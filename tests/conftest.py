@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from kerb_jupyter.sandbox import Sandbox
+from kerb_jupyter.sandbox.ad import ADSandbox
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
@@ -31,6 +32,19 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         os.environ.pop("KRB5_CONFIG", None)
     else:
         os.environ["KRB5_CONFIG"] = old
+
+
+@pytest.fixture(scope="session")
+def ad_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ADSandbox]:
+    """A real Samba AD DC (users, groups, delegation and keytabs from ``kerb_jupyter.sandbox.samba.PLAN``) and one
+    PostgreSQL cluster per planned cluster, started once per session (~1-2 min: provisioning is most of it).
+    Tests that use it set KRB5_CONFIG themselves (``ad_sandbox.env``); nothing here changes the environment."""
+    sb = ADSandbox(tmp_path_factory.mktemp("adsandbox"))
+    sb.start()  # a DC that cannot start raises SandboxError with samba's own log lines
+    try:
+        yield sb
+    finally:
+        sb.stop()
 
 
 @pytest.fixture(autouse=True)

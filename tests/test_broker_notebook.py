@@ -144,7 +144,7 @@ async def test_kerbsql_as_alice_on_two_clusters_with_no_secret_of_hers(
 
 
 async def test_a_cluster_not_granted_is_one_clear_line(kernel: KernelSession, notebook: BrokerSandbox,
-                                                       jp_serverapp: Any) -> None:
+                                                       jp_serverapp: Any, jp_fetch: Any) -> None:
     original = notebook.broker_config.read_text()
     doc = json.loads(original)
     doc["policy"]["rules"][0]["groups"] = {notebook.realm.group_dn("analysts"): ["analytics"]}
@@ -160,6 +160,9 @@ async def test_a_cluster_not_granted_is_one_clear_line(kernel: KernelSession, no
         out = kernel.run("%kerbsql finance SELECT 1")
         assert out.stderr.startswith("UsageError: the broker did not grant a ticket for cluster 'finance'"), out.text
         assert "Traceback" not in out.text and len(out.stderr.strip().splitlines()) == 1
+        code, body = await _call(jp_fetch, "clusters", "finance", "check", method="POST")
+        assert code == 409 and body["error"]["code"] == "not_granted", body
+        assert keeper.state.refused is None  # the policy's choice, not a KDC refusal: nothing to show as refused
     finally:
         notebook.broker_config.write_text(original)
         notebook.stop_broker()
@@ -235,3 +238,101 @@ def test_the_keeper_asks_the_broker_again_before_the_tickets_expire(notebook: Br
     keeper.step()
     assert keeper.state.acquisitions == 2 and keeper.state.last_renewal_kind == "reacquired"
     assert keeper.state.renewals == 0  # a broker cache is never renewed, always fetched again
+
+
+async def _call(jp_fetch: Any, *parts: str, method: str = "GET") -> tuple[int, dict[str, Any]]:
+    from tornado.httpclient import HTTPClientError
+
+    try:
+        r = await jp_fetch("kerb-jupyter", "api", *parts, method=method, body=b"" if method == "POST" else None)
+        return r.code, json.loads(r.body)
+    except HTTPClientError as err:
+        return err.code, json.loads(err.response.body) if err.response and err.response.body else {}
+
+
+@pytest.mark.browser
+async def test_partial_grants_end_to_end(kernel: KernelSession, notebook: BrokerSandbox, jp_serverapp: Any,
+                                         jp_fetch: Any, jp_base_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The KDC will not let the broker delegate to finance (krbAllowedToDelegateTo names analytics only): analytics
+    is issued and kept, finance is shown refused with the broker's reason everywhere; then every cluster refused,
+    then the delegation restored, with the keeper asking again by itself."""
+    from test_status_page import status_page
+
+    from kerb_jupyter.brokersource import REASON_CODES
+    from kerb_jupyter.cli import main
+
+    broker = "broker/localhost"
+    keeper = jp_serverapp.extension_manager.extension_points["kerb_jupyter"].app.keeper
+    notebook.realm.set_delegation(broker, [notebook.spn("analytics")])
+    try:
+        await keeper.renew_now()
+        assert keeper.state.state == "valid", keeper.state.last_error
+        assert set(keeper.state.granted) == {notebook.spn("analytics")}
+        assert set(keeper.state.refused) == {"finance"}
+        refusal = keeper.state.refused["finance"]
+        assert refusal["reason"] == "service_not_allowed" and "\n" not in refusal["message"], refusal
+        # api/status, as documented
+        code, status = await _call(jp_fetch, "status")
+        spec = yaml.safe_load(files("kerb_jupyter").joinpath("openapi.yaml").read_text())
+        OAS30Validator({"$ref": "#/components/schemas/Status", "components": spec["components"]}).validate(status)
+        assert status["refused"] == {"finance": refusal} and set(status["granted"]) == {notebook.spn("analytics")}
+        # the cluster check says why, 409 rather than a raw GSS error
+        code, body = await _call(jp_fetch, "clusters", "finance", "check", method="POST")
+        assert code == 409 and body["error"]["code"] == "cluster_refused", body
+        assert refusal["message"] in body["error"]["message"]
+        # the kernel reads it from state.json: %%kerbsql says the broker's reason in one line, %kerbstatus lists it
+        assert kernel.run("%load_ext kerb_jupyter").error is None
+        assert kernel.run("%kerbsql analytics SELECT 1 AS one").error is None
+        out = kernel.run("%%kerbsql finance\nSELECT 1")
+        assert out.stderr.startswith("UsageError: the broker refused cluster 'finance' (postgres/127.0.0.1): "
+                                     f"{refusal['message']} (service_not_allowed)"), out.text
+        assert "Traceback" not in out.text and len(out.stderr.strip().splitlines()) == 1
+        shown = kernel.run("%kerbstatus").data[0]["text/plain"]
+        assert f"refused by the broker: finance: {refusal['message']} (service_not_allowed)" in shown
+        assert f"granted by the broker: {notebook.spn('analytics')} until" in shown
+        assert main(["status"]) == 0  # kerb-jupyter status: the same lines, from the cache and state.json
+        assert f"refused by the broker: finance: {refusal['message']}" in capsys.readouterr().out
+        # the status page
+        async with status_page(jp_serverapp, jp_base_url) as page:
+            await page.wait_for_selector("tr[data-cluster=finance] td.result.refused")
+            assert "finance: " + refusal["message"] in await page.text_content("#refused")
+            row = await page.text_content("tr[data-cluster=finance] td.result")
+            assert row == f"✗ refused by the broker: {refusal['message']} (service_not_allowed)"
+            assert await page.text_content("tr[data-cluster=analytics] td.result") == ""
+        # the keeper asks the broker again at its next step and keeps analytics
+        before = keeper.state.acquisitions
+        await keeper.renew_now()
+        assert keeper.state.acquisitions == before + 1 and keeper.state.state == "valid"
+        # every cluster refused: 403 with the reasons, retried (not a stop), named cluster by cluster
+        notebook.realm.set_delegation(broker, [])
+        await keeper.renew_now()
+        assert keeper.state.state == "retrying" and keeper.state.next_attempt is not None, keeper.state
+        error = keeper.state.last_error
+        assert error["code"] == "clusters_refused" and "AWS identity" not in error["message"]
+        assert error["message"].startswith("the broker granted no cluster: analytics: "), error
+        assert "; finance: " in error["message"] and "(request id " in error["message"]
+        assert set(keeper.state.refused) == {"analytics", "finance"}
+        assert {r["reason"] for r in keeper.state.refused.values()} <= set(REASON_CODES)
+    finally:
+        notebook.realm.set_delegation(broker, [notebook.spn(n) for n in notebook.servers])
+    await keeper.renew_now()
+    assert keeper.state.state == "valid" and keeper.state.refused is None
+    assert set(keeper.state.granted) == {notebook.spn("analytics"), notebook.spn("finance")}
+    assert kernel.run("%kerbsql finance SELECT 1 AS one").error is None
+
+
+def test_refusals_from_the_broker_are_checked_where_they_enter() -> None:
+    from kerb_jupyter.brokersource import describe_refused, parse_refused
+
+    assert parse_refused(None) == {} and parse_refused(["finance"]) == {}
+    got = parse_refused({
+        "finance": {"reason": "service_not_allowed", "message": "not allowed\nto delegate \x1b[31mto postgres/x"},
+        "orders": {"reason": "Bad Code!", "message": 42},
+        "junk": "not an object",
+        "x" * 200: {"reason": "account_disabled", "message": "m" * 1000},
+    })
+    assert got["finance"] == {"reason": "service_not_allowed", "message": "not allowed to delegate [31mto postgres/x"}
+    assert got["orders"] == {"reason": "refused", "message": "refused by the broker (refused)"}
+    assert "junk" not in got and got["x" * 80]["message"] == "m" * 300
+    assert describe_refused({"b": {"reason": "r", "message": "m2"}, "a": {"reason": "r", "message": "m1"}}) == \
+        "a: m1 (r); b: m2 (r)"

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from kerb_jupyter.broker.auth import parse_arn
+from kerb_jupyter.broker.groups import Membership
 from kerb_jupyter.broker.policy import Decision, Denied, Policy, parse_policy
 from kerb_jupyter.broker.settings import PolicyHolder, load_broker_settings, parse_broker_settings
 from kerb_jupyter.errors import ConfigError
@@ -35,9 +36,9 @@ def policy(*rules: dict[str, Any]) -> Policy:
 
 def decide(p: Policy, arn: str = SSO, source: str = "10.1.2.3", groups: frozenset[str] | None = None,
            now: float | None = None) -> Decision:
-    async def lookup(principal: str) -> frozenset[str]:
+    async def lookup(principal: str) -> Membership:
         assert principal == "alice@KERB.TEST"
-        return groups or frozenset()
+        return Membership(groups or frozenset())
 
     return asyncio.run(p.decide(parse_arn(arn), source, lookup if groups is not None else None, now))
 
@@ -139,9 +140,12 @@ def test_bad_policies_name_the_fault(bad: dict[str, Any], match: str) -> None:
         parse_policy(bad, CLUSTERS, 3600)
 
 
+STS = {"endpoint": "http://127.0.0.1:1/", "region": "us-east-1"}
+
+
 def settings_doc(tmp_path: Path, **kw: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
-        "audience": "broker.test", "sts": {"endpoint": "http://127.0.0.1:1/"},
+        "audience": "broker.test", "sts": {"endpoint": "http://127.0.0.1:1/", "region": "us-east-1"},
         "kerberos": {"principal": "broker/host@KERB.TEST", "keytab": str(tmp_path / "k.keytab")},
         "clusters": CLUSTERS, "policy": {"rules": [rule()]},
     }
@@ -153,18 +157,19 @@ def test_settings_require_tls_off_loopback(tmp_path: Path) -> None:
     s = parse_broker_settings(settings_doc(tmp_path))
     assert s.sts_host == "127.0.0.1:1" and s.address == "127.0.0.1" and s.limits.max_body == 16384
     assert (s.sts_timeout, s.sts_max_clients) == (5.0, 100)
-    s = parse_broker_settings(settings_doc(tmp_path, sts={"endpoint": "http://127.0.0.1:1/", "timeout": 2.5,
-                                                          "max_clients": 400}))
+    s = parse_broker_settings(settings_doc(tmp_path, sts={**STS, "timeout": 2.5, "max_clients": 400}))
     assert (s.sts_timeout, s.sts_max_clients) == (2.5, 400)
     with pytest.raises(ConfigError, match="TLS is required"):
         parse_broker_settings(settings_doc(tmp_path, listen={"address": "0.0.0.0"}))  # noqa: S104
     for bad, match in (({"audience": ""}, "audience"), ({"clusters": {"a": "postgres"}}, "service principal"),
                        ({"limits": {"per_arn": [0, 1]}}, "per_arn"), ({"extra": 1}, "unknown key"),
                        ({"sts": {"endpoint": "sts.amazonaws.com"}}, "sts.endpoint"),
-                       ({"sts": {"endpoint": "http://127.0.0.1:1/", "max_clients": 0}}, "sts.max_clients"),
-                       ({"sts": {"endpoint": "http://127.0.0.1:1/", "max_clients": "many"}}, "sts.max_clients"),
-                       ({"sts": {"endpoint": "http://127.0.0.1:1/", "timeout": "5"}}, "sts.timeout"),
-                       ({"sts": {"endpoint": "http://127.0.0.1:1/", "timeout": 0}}, "sts.timeout")):
+                       ({"sts": {"endpoint": "http://127.0.0.1:1/"}}, "sts.region is required"),
+                       ({"sts": {**STS, "region": "Europe"}}, "sts.region"),
+                       ({"sts": {**STS, "max_clients": 0}}, "sts.max_clients"),
+                       ({"sts": {**STS, "max_clients": "many"}}, "sts.max_clients"),
+                       ({"sts": {**STS, "timeout": "5"}}, "sts.timeout"),
+                       ({"sts": {**STS, "timeout": 0}}, "sts.timeout")):
         with pytest.raises(ConfigError, match=match):
             parse_broker_settings(settings_doc(tmp_path, **bad))
 
@@ -183,3 +188,34 @@ def test_reload_keeps_the_good_policy_on_a_bad_file(tmp_path: Path) -> None:
     assert holder.reload() is True and holder.last_error is None
     assert decide(holder.policy).clusters == {"finance": CLUSTERS["finance"]}
     assert time.time()  # the holder never raises on reload
+
+
+@pytest.mark.parametrize(("endpoint", "region"), [
+    ("https://sts.eu-west-1.amazonaws.com/", "eu-west-1"), ("https://sts.amazonaws.com/", "us-east-1"),
+    ("https://sts-fips.us-gov-west-1.amazonaws.com/", "us-gov-west-1"),
+    ("https://vpce-0a1b-c2d3.sts.ap-southeast-2.vpce.amazonaws.com/", "ap-southeast-2"),
+])
+def test_the_sts_region_comes_from_its_host(tmp_path: Path, endpoint: str, region: str) -> None:
+    assert parse_broker_settings(settings_doc(tmp_path, sts={"endpoint": endpoint})).sts_region == region
+
+
+BAD_MAPPINGS = [
+    ({"rules": [{"regex": "(unclosed", "principal": "{name}@KERB.TEST"}]}, "does not compile"),
+    ({"rules": [{"template": "{nickname}@KERB.TEST"}]}, "nickname"),
+    ({"rules": [{"case": "lower"}]}, "none of 'table', 'regex', 'template'"),
+    ({"rules": [{"table": {"alice": 7}}]}, "table must be an object of identity -> principal"),
+]
+
+
+@pytest.mark.parametrize(("mapping", "match"), BAD_MAPPINGS)
+def test_bad_mapping_rules_are_refused_at_load_and_on_reload(tmp_path: Path, mapping: dict[str, Any],
+                                                             match: str) -> None:
+    with pytest.raises(ConfigError, match=r"policy rule 1 \(sso\)") as err:
+        parse_policy({"rules": [rule(mapping=mapping)]}, CLUSTERS, 3600)
+    assert match in str(err.value)
+    path = tmp_path / "broker.json"
+    path.write_text(json.dumps(settings_doc(tmp_path)))
+    holder = PolicyHolder(load_broker_settings(path))
+    path.write_text(json.dumps(settings_doc(tmp_path, policy={"rules": [rule(mapping=mapping)]})))
+    assert holder.reload() is False and match in str(holder.last_error)
+    assert decide(holder.policy).principal == "alice@KERB.TEST"  # the previous policy still decides

@@ -11,7 +11,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ def bsb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerSandbox]:
     sb = BrokerSandbox(tmp_path_factory.mktemp("broker-service"))
     sb.start()
     sb.realm.add_user("bob")  # in the directory, in no group
+    sb.realm.add_principal("postgres/other")  # a cluster the broker may not delegate to
     yield sb
     sb.stop()
 
@@ -98,6 +99,8 @@ def test_alice_gets_both_clusters_and_it_is_audited(bsb: BrokerSandbox) -> None:
     code, body = post(bsb, payload(bsb, creds(bsb)))
     assert code == 200, body
     assert body["principal"] == bsb.principal and sorted(body["clusters"]) == ["analytics", "finance"]
+    assert set(body) == {"principal", "clusters", "refused", "expires", "cache", "caller_arn", "request_id"}
+    assert body["refused"] == {}
     assert body["clusters"]["finance"]["spn"] == bsb.spn("finance")
     record = audited(bsb, body["request_id"])
     assert record["decision"] == "issued" and record["caller_arn"].endswith(f"/{SSO_ROLE}/alice")
@@ -175,22 +178,53 @@ def test_health_and_metrics(bsb: BrokerSandbox) -> None:
     assert 'kerb_jupyter_broker_kdc_seconds_count{step="s4u2proxy"}' in text
 
 
-def test_oversized_requests_are_cut_off(bsb: BrokerSandbox) -> None:
-    big = json.dumps({"headers": {}, "body": "A" * 20000}).encode()
-    req = urllib.request.Request(bsb.broker_url + "/v1/credentials", data=big, method="POST")
-    with pytest.raises((urllib.error.HTTPError, urllib.error.URLError, ConnectionError)):
-        urllib.request.urlopen(req, timeout=10)
+def test_an_oversized_body_is_413_with_json_and_audited(bsb: BrokerSandbox) -> None:
+    big = json.dumps({"headers": {}, "body": "A" * 20000}).encode()  # max_body is 16384
+    code, body = post(bsb, big)
+    assert code == 413 and body["error"] == "too_large" and "over 16384 bytes" in body["message"]
+    record = audited(bsb, body["request_id"])
+    assert record["decision"] == "refused" and record["reason"] == "body_too_large"
+
+
+def test_a_request_signed_for_another_region(bsb: BrokerSandbox) -> None:
+    wrong = sign_request(creds(bsb), "eu-west-1", bsb.sts.url + "/", AUDIENCE)  # the broker is configured for us-east-1
+    refused(bsb, wrong, 401, "wrong_region")
+
+
+def test_a_request_accepted_before_a_restart_is_refused_after_it(bsb: BrokerSandbox) -> None:
+    """The memory store forgets what it saw: the broker refuses anything signed before it started."""
+    import time
+
+    p = payload(bsb, creds(bsb))
+    assert post(bsb, p)[0] == 200
+    time.sleep(1.1)  # SigV4 dates have one-second resolution
+    bsb.stop_broker()
+    bsb.start_broker()
+    refused(bsb, p, 401, "signed_before_start")
+    assert post(bsb, payload(bsb, creds(bsb)))[0] == 200  # a request signed now is fine
 
 
 def test_sighup_keeps_a_good_policy_and_takes_a_new_one(bsb: BrokerSandbox) -> None:
     original = bsb.broker_config.read_text()
     try:
         doc = json.loads(original)
+        original_role = doc["policy"]["rules"][0]["role"]
         doc["policy"]["rules"][0]["role"] = "*"  # trusts a caller-chosen session name: refused
         bsb.broker_config.write_text(json.dumps(doc))
         bsb.reload_broker()
         assert _wait_log(bsb, "previous one stays in force")
         assert post(bsb, payload(bsb, creds(bsb)))[0] == 200
+        doc["policy"]["rules"][0]["role"] = original_role
+        doc["policy"]["rules"][0]["mapping"] = {"rules": [{"regex": "(unclosed", "principal": "{name}@KERB.TEST"}]}
+        bsb.broker_config.write_text(json.dumps(doc))
+        bsb.reload_broker()
+        assert _wait_log(bsb, "previous one stays in force", count=2)
+        with urllib.request.urlopen(bsb.broker_url + "/healthz", timeout=10) as resp:
+            health = json.loads(resp.read())
+        assert health["status"] == "ok" and health["policy_reload_error"] is True
+        assert "previous one stays in force" in health["policy_error"] and "does not compile" in health["policy_error"]
+        code, body = post(bsb, payload(bsb, creds(bsb)))
+        assert code == 200 and sorted(body["clusters"]) == ["analytics", "finance"]  # the old policy, no 500
         doc = json.loads(original)
         doc["policy"]["rules"][0]["groups"] = {bsb.realm.group_dn("analysts"): ["analytics"]}
         bsb.broker_config.write_text(json.dumps(doc))
@@ -255,6 +289,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _variant(bsb: BrokerSandbox, tmp_path: Path, **changes: Any) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     doc = json.loads(bsb.broker_config.read_text())
     doc["audit_log"] = str(tmp_path / "audit.jsonl")
     for key, value in changes.items():
@@ -262,6 +297,79 @@ def _variant(bsb: BrokerSandbox, tmp_path: Path, **changes: Any) -> Path:
     path = tmp_path / "broker.json"
     path.write_text(json.dumps(doc))
     return path
+
+
+def _with_other(bsb: BrokerSandbox, tmp_path: Path, *granted: str) -> Path:
+    """A variant whose policy grants ``granted`` (default: all three), "other" being outside the delegation list."""
+    clusters = {**json.loads(bsb.broker_config.read_text())["clusters"], "other": bsb.realm.principal("postgres/other")}
+    rule = {**json.loads(bsb.broker_config.read_text())["policy"]["rules"][0],
+            "groups": {bsb.realm.group_dn("analysts"): list(granted or clusters)}}
+    return _variant(bsb, tmp_path, clusters=clusters, policy={"rules": [rule]})
+
+
+def _serve(path: Path, bodies: list[Callable[[], bytes]]) -> list[tuple[int, dict[str, Any]]]:
+    """Each body (made after the broker started: it refuses requests signed before) POSTed in turn to an
+    in-process broker listening with the settings at ``path``."""
+    from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+    from kerb_jupyter.sandbox.procs import free_port
+
+    port = free_port()
+    doc = json.loads(path.read_text())
+    doc["listen"] = {**doc["listen"], "port": port}
+    path.write_text(json.dumps(doc))
+
+    async def run() -> list[tuple[int, dict[str, Any]]]:
+        broker = Broker(load_broker_settings(path))
+        server = broker.listen()
+        client = AsyncHTTPClient(force_instance=True)
+        try:
+            out = []
+            for body in bodies:
+                r = await client.fetch(HTTPRequest(f"http://127.0.0.1:{port}/v1/credentials", method="POST",
+                                                   body=body(), request_timeout=30), raise_error=False)
+                out.append((r.code, json.loads(r.body)))
+            return out
+        finally:
+            client.close()
+            server.stop()
+            await broker.close()
+
+    return asyncio.run(run())
+
+
+def test_a_partial_grant_issues_the_others_and_names_the_refused_cluster(bsb: BrokerSandbox, tmp_path: Path) -> None:
+    ((code, body),) = _serve(_with_other(bsb, tmp_path), [lambda: json.dumps(payload(bsb, creds(bsb))).encode()])
+    assert code == 200, body
+    assert set(body) == {"principal", "clusters", "refused", "expires", "cache", "caller_arn", "request_id"}
+    assert sorted(body["clusters"]) == ["analytics", "finance"]
+    assert body["expires"] == min(c["expires"] for c in body["clusters"].values())
+    other = bsb.realm.principal("postgres/other")
+    assert list(body["refused"]) == ["other"] and body["refused"]["other"]["reason"] == "service_not_allowed"
+    message = body["refused"]["other"]["message"]
+    assert f"not allowed to delegate to {other}: add {other} to the broker account's delegation list" in message
+    cache = tmp_path / "cc"
+    cache.write_bytes(base64.b64decode(body["cache"]))
+    cache.chmod(0o600)
+    import krb5
+
+    servers = sorted(c.server.name.decode() for c in krb5.cc_resolve(krb5.init_context(), f"FILE:{cache}".encode()))
+    assert servers == sorted([bsb.spn("analytics"), bsb.spn("finance")])
+    (record,) = read_records(tmp_path / "audit.jsonl")
+    assert record["decision"] == "issued" and record["reason"] == "partial"
+    assert record["clusters"] == ["analytics", "finance"]
+    assert record["refused"] == {"other": {"reason": "service_not_allowed", "message": message}}
+
+
+def test_every_cluster_refused_is_403_with_the_reasons(bsb: BrokerSandbox, tmp_path: Path) -> None:
+    signed = [lambda: json.dumps(payload(bsb, creds(bsb))).encode()]
+    ((code, body),) = _serve(_with_other(bsb, tmp_path, "other"), signed)
+    assert code == 403, body
+    assert set(body) == {"error", "request_id", "refused"} and body["error"] == "forbidden"
+    assert body["refused"]["other"]["reason"] == "service_not_allowed"
+    (record,) = read_records(tmp_path / "audit.jsonl")
+    assert record["decision"] == "refused" and record["reason"] == "service_not_allowed"
+    assert record["clusters"] == [] and record["refused"] == body["refused"]
 
 
 def test_tls_with_the_notebook_checking_the_broker_against_its_ca_bundle(bsb: BrokerSandbox,
@@ -334,12 +442,12 @@ def test_requests_queued_behind_a_stalled_sts_get_503_never_500(bsb: BrokerSandb
     path = _variant(bsb, tmp_path, listen={"port": port},
                     sts={"endpoint": f"http://127.0.0.1:{stalled.getsockname()[1]}/",
                          "host": f"127.0.0.1:{bsb.sts.port}", "timeout": 1, "max_clients": 1})
-    bodies = [json.dumps(payload(bsb, creds(bsb))).encode() for _ in range(4)]
     caplog.set_level(logging.DEBUG, logger="kerb_jupyter.broker")
 
     async def run() -> list[tuple[int, dict[str, Any]]]:
         broker = Broker(load_broker_settings(path))
         server = broker.listen()
+        bodies = [json.dumps(payload(bsb, creds(bsb))).encode() for _ in range(4)]  # signed after it started
         client = AsyncHTTPClient(force_instance=True)
         try:
             answers = await asyncio.gather(*(client.fetch(HTTPRequest(
@@ -399,7 +507,8 @@ def test_a_store_outage_fails_closed_with_503_and_is_logged_once(bsb: BrokerSand
     caplog.set_level(logging.INFO, logger="kerb_jupyter.broker")
 
     def logged() -> list[tuple[str, str]]:
-        lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("kerb_jupyter.broker")]
+        lines = [(r.levelname, r.getMessage()) for r in caplog.records
+                 if r.name.startswith("kerb_jupyter.broker") and r.name != "kerb_jupyter.broker.groups"]
         caplog.clear()
         return lines
 
@@ -432,7 +541,7 @@ def test_other_refusals_are_still_logged_one_by_one(bsb: BrokerSandbox, tmp_path
 def test_a_directory_outage_is_a_503_not_no_groups(bsb: BrokerSandbox, tmp_path: Path) -> None:
     from kerb_jupyter.sandbox.procs import free_port
 
-    path = _variant(bsb, tmp_path, ldap={"url": f"ldap://127.0.0.1:{free_port()}", "timeout": 1})
+    path = _variant(bsb, tmp_path, ldap={"url": f"ldaps://127.0.0.1:{free_port()}", "timeout": 1})
     broker = Broker(load_broker_settings(path))
     with pytest.raises(Refused) as err:
         asyncio.run(broker.handle(json.dumps(payload(bsb, creds(bsb))).encode(), "127.0.0.1", "no-ldap"))
@@ -472,3 +581,110 @@ def test_the_audit_log_never_writes_through_a_symlink(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         audit.record(request_id="r2", source="127.0.0.1", decision="refused", reason="replay")
     assert victim.read_text() == ""
+
+
+class TlsRecorder:
+    """A real TLS listener (its own CA) that records every handshake and every byte of application data."""
+
+    def __init__(self, root: Path) -> None:
+        import socket
+        import ssl
+        import threading
+
+        from kerb_jupyter.sandbox.ldap import make_tls
+
+        root.mkdir(parents=True, exist_ok=True)
+        self.ca, cert, key = make_tls(root, ("127.0.0.1",))
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(cert), str(key))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.handshakes, self.failed, self.received = 0, 0, b""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import ssl
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            conn.settimeout(3)
+            try:
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    self.handshakes += 1
+                    while chunk := tls.recv(4096):  # never answers: the client times out
+                        self.received += chunk
+            except (ssl.SSLError, OSError):
+                self.failed += 1
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def _ldap_refusal(bsb: BrokerSandbox, tmp_path: Path, request_id: str, **ldap: Any) -> Refused:
+    path = _variant(bsb, tmp_path, ldap={"timeout": 1, **ldap})
+    broker = Broker(load_broker_settings(path))
+    with pytest.raises(Refused) as err:
+        asyncio.run(broker.handle(json.dumps(payload(bsb, creds(bsb))).encode(), "127.0.0.1", request_id))
+    return err.value
+
+
+def test_ldaps_with_a_wrong_ca_never_sends_the_password(bsb: BrokerSandbox, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    password = bsb.realm.slapd.reader_password.encode()
+    recorder = TlsRecorder(tmp_path / "impostor")
+    try:
+        url = f"ldaps://127.0.0.1:{recorder.port}"
+        # The broker trusts the real directory's CA, not the impostor's: no handshake, nothing sent.
+        err = _ldap_refusal(bsb, tmp_path, "wrong-ca", url=url, ca_bundle=str(bsb.realm.slapd.ca_cert))
+        assert err.status == 503 and err.reason == "ldap_unavailable" and "CERTIFICATE_VERIFY_FAILED" in err.detail
+        assert recorder.handshakes == 0 and recorder.failed >= 1 and recorder.received == b""
+        # The same listener trusted (its CA given): the handshake completes and the bind, password included,
+        # arrives - so an empty recording above means nothing was sent, not that the recorder missed it.
+        _ldap_refusal(bsb, tmp_path / "trusting", "trusting", url=url, ca_bundle=str(recorder.ca))
+        assert recorder.handshakes == 1 and password in recorder.received
+    finally:
+        recorder.close()
+    record = read_records(tmp_path / "audit.jsonl")[0]
+    assert record["request_id"] == "wrong-ca" and record["reason"] == "ldap_unavailable"
+    assert record["caller_arn"].endswith("/alice")
+    logged = bsb.audit_log.read_text() + (tmp_path / "audit.jsonl").read_text() + caplog.text
+    assert password.decode() not in logged
+
+
+def test_ldaps_checks_the_host_name_and_the_real_directory_with_a_wrong_ca(bsb: BrokerSandbox,
+                                                                          tmp_path: Path) -> None:
+    slapd = bsb.realm.slapd
+    impostor_ca = TlsRecorder(tmp_path / "other-ca")
+    impostor_ca.close()
+    err = _ldap_refusal(bsb, tmp_path, "real-wrong-ca", url=slapd.ldaps_url, ca_bundle=str(impostor_ca.ca))
+    assert err.reason == "ldap_unavailable" and "CERTIFICATE_VERIFY_FAILED" in err.detail
+    err = _ldap_refusal(bsb, tmp_path / "name", "wrong-name", url=slapd.ldaps_url, ca_bundle=str(slapd.ca_cert),
+                        server_name="dc1.elsewhere.test")  # the right CA, a certificate for another name
+    assert err.reason == "ldap_unavailable" and "dc1.elsewhere.test" in err.detail
+    path = _variant(bsb, tmp_path / "ok", ldap={"url": slapd.ldaps_url, "ca_bundle": str(slapd.ca_cert),
+                                                 "server_name": "localhost"})
+    assert outcomes(bsb, Broker(load_broker_settings(path)), [(creds(bsb), "127.0.0.1")]) == ["issued"]
+
+
+def test_plain_ldap_needs_an_explicit_opt_in_and_is_logged(bsb: BrokerSandbox, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    plain = {"url": bsb.realm.slapd.url, "ca_bundle": None}
+    with pytest.raises(ConfigError, match="plain LDAP: the bind password"):
+        load_broker_settings(_variant(bsb, tmp_path, ldap=plain))
+    path = _variant(bsb, tmp_path, ldap={**plain, "allow_plain_ldap": True})
+    caplog.set_level(logging.WARNING, logger="kerb_jupyter.broker")
+    broker = Broker(load_broker_settings(path))
+    assert any("is plain LDAP (allow_plain_ldap)" in r.getMessage() for r in caplog.records)
+    assert outcomes(bsb, broker, [(creds(bsb), "127.0.0.1")]) == ["issued"]

@@ -81,7 +81,8 @@ def test_the_demo_notebook_runs_as_an_unprivileged_user(kernel):
     python = user_python(user)
     work = Path(tempfile.mkdtemp(prefix="kj-demo-"))
     shutil.copy(DEMO, work / "demo.ipynb")
-    for path in (work, work / "demo.ipynb"):
+    shutil.copy(ROOT / "binder" / "start", work / "start")  # the checkout may be closed to the user (under /root)
+    for path in (work, work / "demo.ipynb", work / "start"):
         os.chown(path, account.pw_uid, account.pw_gid)
     port, token = free_port(), "demo-test-token"
     env = {"HOME": str(work), "USER": user, "LANG": "C.UTF-8",
@@ -92,7 +93,7 @@ def test_the_demo_notebook_runs_as_an_unprivileged_user(kernel):
               "--ServerApp.jpserver_extensions={'kerb_jupyter': True}"]
     log = work / "start.log"
     with open(log, "w") as out:
-        start = subprocess.Popen([*as_user(user, env), "bash", str(ROOT / "binder" / "start"), *server],
+        start = subprocess.Popen([*as_user(user, env), "bash", str(work / "start"), *server],
                                  stdout=out, stderr=subprocess.STDOUT, text=True, cwd=work, start_new_session=True)
     try:
         status = _wait_ready(port, token, start, log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import subprocess
@@ -13,11 +14,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def shared_venv() -> Path:
+    """Where scripts/setup builds the virtualenv other users run: ``$KERB_JUPYTER_SHARED_VENV``, else
+    ``/opt/kerb-jupyter/venv-<first 12 hex digits of sha256(checkout path)>`` (outside the checkout, which may sit
+    under a 0700 directory such as /root; one per checkout)."""
+    override = os.environ.get("KERB_JUPYTER_SHARED_VENV")
+    if override:
+        return Path(override)
+    return Path("/opt/kerb-jupyter") / f"venv-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]}"
+
+
 def user_python(user: str) -> Path:
     """A Python with kerb_jupyter installed that ``user`` can run: this one, or scripts/setup's shared venv
     (built from the system python3 when this interpreter lives where other users cannot reach, e.g. /root)."""
-    candidates = [Path(sys.executable),
-                  Path(os.environ.get("KERB_JUPYTER_SHARED_VENV", ROOT / ".venv-shared")) / "bin" / "python"]
+    candidates = [Path(sys.executable), shared_venv() / "bin" / "python"]
     for python in candidates:
         probe = subprocess.run([*as_user(user, {"PATH": "/usr/bin:/bin"}), str(python), "-c", "import kerb_jupyter"],
                                capture_output=True, timeout=60)

@@ -2,8 +2,10 @@
 
 Each request: rate limit by source address -> the signed request's own checks -> replay refusal -> STS ->
 rate limit by ARN -> policy -> rate limit and hourly issue cap by principal -> S4U (in a thread) -> the cache.
-Refusals answer 401/403/429 with a generic body and the request id; the reason goes to the audit log and the
-broker's log only. Every request, refused or not, leaves exactly one audit record.
+Refusals before issuing answer 401/403/429 with a generic body and the request id; the reason goes to the audit
+log and the broker's log only. Clusters are issued independently: the answer lists the issued ones and, under
+``refused``, each one the KDC refused with its reason and a one-line message naming what to change; 403 (with
+``refused``) only when the KDC refused them all. Every request, refused or not, leaves exactly one audit record.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from ..errors import CredentialsRejectedError, IdentityError, KdcUnreachableErro
 from .audit import OUTAGES, AuditLog, OutageLog
 from .auth import AuthError, Caller, check_request, parse_caller, parse_payload
 from .groups import GroupDirectory
-from .issue import DelegationRefused, Issuer
+from .issue import Issuer
 from .policy import Decision, Denied
 from .settings import BrokerSettings, PolicyHolder
-from .store import Store, StoreUnavailable, make_store
+from .store import MemoryStore, Store, StoreUnavailable, make_store
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +39,20 @@ log = logging.getLogger(__name__)
 class Refused(Exception):
     """Stops a request: HTTP status, audited reason, optional caller/principal for the record."""
 
-    def __init__(self, status: int, reason: str, detail: str, *, public: str | None = None) -> None:
+    def __init__(self, status: int, reason: str, detail: str, *, public: str | None = None,
+                 refused: dict[str, dict[str, str]] | None = None) -> None:
         super().__init__(detail)
         self.status, self.reason, self.detail, self.public = status, reason, detail, public
+        self.refused = refused  # the KDC's refusal of every cluster: shown to the caller
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.issued = Counter("kerb_jupyter_broker_issued", "Credential caches issued", registry=self.registry)
+        self.clusters_refused = Counter("kerb_jupyter_broker_clusters_refused",
+                                        "Clusters the KDC refused to issue, by reason", ["reason"],
+                                        registry=self.registry)
         self.refused = Counter("kerb_jupyter_broker_refused", "Requests refused, by reason", ["reason"],
                                registry=self.registry)
         self.latency = Histogram("kerb_jupyter_broker_request_seconds", "Time to answer POST /v1/credentials",
@@ -74,6 +81,9 @@ class Broker:
         if hasattr(self.store, "collector"):  # RedisStore: store_up, store_failures, store_outages
             self.metrics.registry.register(self.store.collector())
         self.groups = GroupDirectory(settings.ldap, self.store) if settings.ldap else None
+        # A memory store forgets the signatures it saw when the broker restarts: requests signed before this
+        # second are refused (SigV4 dates have one-second resolution). A Redis store remembers them itself.
+        self.not_before = float(int(time.time())) if isinstance(self.store, MemoryStore) else None
 
     def application(self) -> tornado.web.Application:
         return tornado.web.Application([
@@ -89,7 +99,9 @@ class Broker:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ssl_ctx.load_cert_chain(str(s.tls_cert), str(s.tls_key))
-        server = tornado.httpserver.HTTPServer(self.application(), ssl_options=ssl_ctx, max_body_size=s.limits.max_body,
+        # Bodies up to max_body are read, larger ones (up to a hard cap, streamed and dropped) get a 413 with an
+        # audit record; past the cap tornado closes the connection.
+        server = tornado.httpserver.HTTPServer(self.application(), ssl_options=ssl_ctx, max_body_size=body_cap(s),
                                                body_timeout=10, idle_connection_timeout=60)
         server.listen(s.port, address=s.address)
         return server
@@ -104,7 +116,8 @@ class Broker:
         except ValueError:
             raise Refused(401, "malformed", "the body is not JSON") from None
         try:
-            req = check_request(parse_payload(doc), audience=self.settings.audience, sts_host=self.settings.sts_host)
+            req = check_request(parse_payload(doc), audience=self.settings.audience, sts_host=self.settings.sts_host,
+                                region=self.settings.sts_region, not_before=self.not_before)
         except AuthError as err:
             raise Refused(401, err.code, str(err)) from None
         if not await self.store.first_use("sig:" + req.signature, 2 * 300 + 60):
@@ -129,9 +142,10 @@ class Broker:
             raise Refused(401, err.code, str(err)) from None
 
     async def decide(self, caller: Caller, source: str) -> Decision:
-        lookup = self.groups.groups if self.groups else None
+        lookup = self.groups.lookup if self.groups else None
+        rename = self.groups.renames if self.groups else False
         try:
-            decision = await self.policy.policy.decide(caller, source, lookup)
+            decision = await self.policy.policy.decide(caller, source, lookup, rename=rename)
         except Denied as err:
             raise Refused(403, err.code, str(err)) from None
         except KerbJupyterError as err:
@@ -141,12 +155,11 @@ class Broker:
         self.outages.recovered("ldap_unavailable")
         return decision
 
-    async def issue(self, decision: Decision) -> dict[str, Any]:
+    async def issue(self, decision: Decision, record: dict[str, Any]) -> dict[str, Any]:
+        """Issue the decision's clusters; records what was issued and refused in ``record``. Raises Refused."""
         try:
             issued = await asyncio.to_thread(self.issuer.issue, decision.principal, decision.clusters,
                                              decision.lifetime)
-        except DelegationRefused as err:
-            raise Refused(403, err.code, str(err)) from None
         except KdcUnreachableError as err:
             raise Refused(503, "kdc_unreachable", str(err), public="the broker cannot reach the KDC") from None
         except IdentityError as err:
@@ -156,10 +169,20 @@ class Broker:
         self.outages.recovered("kdc_unreachable")
         for step, seconds in issued.timings.items():
             self.metrics.kdc.labels("s4u2self" if step == "s4u2self" else "s4u2proxy").observe(seconds)
+        refused = {n: r.as_dict() for n, r in sorted(issued.refused.items())}
+        record.update(clusters=sorted(issued.clusters), refused=refused)
+        for name, r in sorted(issued.refused.items()):
+            self.metrics.clusters_refused.labels(r.reason).inc()
+            log.warning("broker: request %s: %s refused for %s (%s): %s", record["request_id"], name,
+                        issued.principal, r.reason, r.message)
+        if not issued.clusters:
+            reason = ",".join(sorted({r.reason for r in issued.refused.values()}))
+            raise Refused(403, reason, f"the KDC refused every cluster for {issued.principal}", refused=refused)
         spns = decision.clusters
         return {
             "principal": issued.principal,
             "clusters": {n: {"spn": spns[n], "expires": end} for n, end in issued.clusters.items()},
+            "refused": refused,
             "expires": min(issued.clusters.values()),
             "cache": base64.b64encode(issued.cache).decode(),
         }
@@ -179,7 +202,7 @@ class Broker:
             await self._limit("principal:" + decision.principal, limits.per_principal, "rate_limited_principal")
             await self._limit("issued:" + decision.principal, (limits.issues_per_principal_hour, 3600.0),
                               "issue_cap")
-            answer = await self.issue(decision)
+            answer = await self.issue(decision, record)
             answer["caller_arn"] = caller.arn
         except StoreUnavailable as err:
             self._audit(record, "refused", err.code, str(err))
@@ -191,8 +214,14 @@ class Broker:
             log.exception("broker: request %s failed unexpectedly", request_id)
             self._audit(record, "refused", "internal_error", type(err).__name__)
             raise Refused(500, "internal_error", type(err).__name__) from None
-        self._audit(record, "issued", "ok", "")
+        self._audit(record, "issued", "partial" if answer["refused"] else "ok", "")
         return answer
+
+    def oversized(self, size: int, source: str, request_id: str) -> None:
+        """Audit a request refused for its body size (raises Refused when the audit log cannot be written)."""
+        record = {"request_id": request_id, "source": source}
+        self._audit(record, "refused", "body_too_large", f"{size} bytes, over limits.max_body "
+                    f"{self.settings.limits.max_body}")
 
     def _audit(self, record: dict[str, Any], decision: str, reason: str, detail: str) -> None:
         if decision == "issued":
@@ -216,7 +245,12 @@ class Broker:
         await self.store.close()
 
 
-_GENERIC = {401: "unauthenticated", 403: "forbidden", 429: "rate_limited"}
+_GENERIC = {401: "unauthenticated", 403: "forbidden", 413: "too_large", 429: "rate_limited"}
+
+
+def body_cap(settings: BrokerSettings) -> int:
+    """The most a request body may be before the connection is closed unanswered (413 below it)."""
+    return max(16 * settings.limits.max_body, 1 << 20)
 
 
 class _Base(tornado.web.RequestHandler):
@@ -231,19 +265,40 @@ class _Base(tornado.web.RequestHandler):
         self.finish({"error": _GENERIC.get(status_code, "error")})
 
 
+@tornado.web.stream_request_body
 class CredentialsHandler(_Base):
+    """Streams the body: keeps at most ``max_body`` bytes, counts the rest, refuses an oversized one with 413."""
+
+    def prepare(self) -> None:
+        self._body = bytearray()
+        self._size = 0
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size <= self.broker.settings.limits.max_body:
+            self._body += chunk
+
     async def post(self) -> None:
         started = time.perf_counter()
         request_id = uuid.uuid4().hex[:16]
         outcome = "issued"
         try:
-            answer = await self.broker.handle(self.request.body, self.request.remote_ip or "?", request_id)
+            if self._size > self.broker.settings.limits.max_body:
+                outcome = "body_too_large"
+                self.broker.oversized(self._size, self.request.remote_ip or "?", request_id)
+                self.set_status(413)
+                self.finish({"error": "too_large", "request_id": request_id,
+                             "message": f"the request body is over {self.broker.settings.limits.max_body} bytes"})
+                return
+            answer = await self.broker.handle(bytes(self._body), self.request.remote_ip or "?", request_id)
         except Refused as err:
             outcome = err.reason
             self.set_status(err.status)
-            doc = {"error": _GENERIC.get(err.status, err.reason), "request_id": request_id}
+            doc: dict[str, Any] = {"error": _GENERIC.get(err.status, err.reason), "request_id": request_id}
             if err.status >= 500:
                 doc["message"] = err.public or "the broker cannot issue tickets right now"
+            if err.refused is not None:
+                doc["refused"] = err.refused
             self.finish(doc)
             return
         finally:
@@ -261,8 +316,11 @@ class HealthHandler(_Base):
             self.set_status(503)
             self.finish({"status": "store_unavailable"})
             return
+        error = self.broker.policy.last_error
         self.finish({"status": "ok", "policy_rules": len(self.broker.policy.policy.rules),
-                     "policy_reload_error": self.broker.policy.last_error is not None})
+                     "policy_reload_error": error is not None,
+                     "policy_error": None if error is None else f"the new policy was refused, the previous one stays "
+                                                                 f"in force: {error[:300]}"})
 
 
 class MetricsHandler(_Base):

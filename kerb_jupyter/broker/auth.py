@@ -94,8 +94,12 @@ def parse_payload(doc: Any, max_bytes: int = 8192) -> SignedRequest:
 
 
 def check_request(req: SignedRequest, *, audience: str, sts_host: str, now: float | None = None,
-                  max_age: float = MAX_AGE) -> SignedRequest:
+                  max_age: float = MAX_AGE, region: str | None = None,
+                  not_before: float | None = None) -> SignedRequest:
     """Everything the broker checks before STS sees the request. Raises AuthError with the reason as code.
+
+    ``region``: the credential scope's region must be this one. ``not_before``: requests signed earlier are
+    refused (``signed_before_start``: a broker without a shared store cannot know what it saw before it started).
 
     Returns the request with its signature set (the replay key).
     """
@@ -109,6 +113,8 @@ def check_request(req: SignedRequest, *, audience: str, sts_host: str, now: floa
         raise AuthError("no AWS4-HMAC-SHA256 Authorization header", code="malformed")
     if m["service"] != "sts":
         raise AuthError(f"signed for service {m['service']!r}, not sts", code="wrong_action")
+    if region is not None and m["region"] != region:
+        raise AuthError(f"signed for region {m['region']!r}, not {region}", code="wrong_region")
     signed = set(m["signed"].split(";"))
     missing = sorted(REQUIRED_SIGNED - signed)
     if missing:
@@ -127,6 +133,8 @@ def check_request(req: SignedRequest, *, audience: str, sts_host: str, now: floa
         raise AuthError(f"signed {age:.0f} s ago (at most {max_age:.0f} s either way)", code="expired")
     if m["date"] != req.headers["x-amz-date"][:8]:
         raise AuthError("the credential scope's date is not the signing date", code="malformed")
+    if not_before is not None and signed_at < not_before:
+        raise AuthError(f"signed {not_before - signed_at:.0f} s before the broker started", code="signed_before_start")
     return SignedRequest(headers=req.headers, body=req.body, signature=m["sig"])
 
 

@@ -1,27 +1,41 @@
-"""Issuing: S4U2Self for the user, S4U2Proxy to each granted cluster, and a cache holding only those tickets.
+"""Issuing: S4U2Self for the user, then S4U2Proxy to each granted cluster on its own; a cache of what was issued.
 
 The broker's own TGT and the evidence (S4U2Self) ticket stay inside the broker: the cache handed out holds one
-service ticket per cluster, stored under the service's full realm (python-gssapi leaves it empty, and libpq
+service ticket per issued cluster, stored under the service's full realm (python-gssapi leaves it empty, and libpq
 then misses it wherever krb5.conf maps the host to a realm), with the evidence ticket that MIT copies into
 each proxy ticket's ``second_ticket`` removed. The lifetime cap goes to ``SecurityContext(lifetime=...)``:
 MIT ignores the one given to ``impersonate()``. Blocking: the broker calls ``issue`` from a thread.
 
     issued = Issuer("broker/host@CORP.EXAMPLE.COM", Path("/etc/broker.keytab")).issue(
         "alice", {"analytics": "postgres/db.corp.example.com"}, 3600)   # names without @REALM get the broker's
+    issued.clusters   # {"analytics": <end time>} for each cluster the KDC issued
+    issued.refused    # {"finance": Refusal("service_not_allowed", "...")} for each one it refused
 
-Error codes: ``invalid_request`` (not a user principal, no service, lifetime <= 0), ``impersonation_not_allowed``
-(the KDC refused S4U2Self: protocol transition), ``delegation_not_allowed`` (it refused S4U2Proxy to a service),
-``unknown_principal``, ``service_unknown``, ``kdc_unreachable``, ``credentials_rejected`` (the broker's keytab).
+A KDC refusal is answered per cluster (``Issued.refused``), never by an exception: the KDC error code decides
+the reason through ``KDC_ERRORS``, where every code is either a permanent refusal or an outage the notebook may
+retry (``OUTAGES``). An unknown code is a permanent ``kdc_refused``: never a 503 retried forever.
+
+Delegation refusals (``KDC_ERR_BADOPTION`` from Windows and MIT, ``KDC_ERR_POLICY`` from Samba) do not say
+whose fault they are. The evidence ticket does: the KDC makes it forwardable only when the broker is trusted
+for protocol transition AND the user may be delegated. Forwardable evidence -> the service is not in the
+broker's delegation list; otherwise the broker impersonates again the last user it got forwardable evidence for
+(itself it cannot: MIT's and Samba's KDCs refuse that with KDC_ERR_PADATA_TYPE_NOSUPP): forwardable -> this user
+cannot be delegated (NOT_DELEGATED, Protected Users), not -> the broker is not trusted. With no such user since
+start-up the reason is ``broker_not_trusted`` and the message names both possible causes.
+
+Raises (outages, the whole request): KdcUnreachableError, CredentialsRejectedError (the broker's own key),
+TicketError (``broker_ticket``, ``clock_skew``, ``invalid_request``), IdentityError (``invalid_request``).
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import gssapi
 import krb5
@@ -29,24 +43,151 @@ from gssapi.raw.misc import GSSError
 
 from ..errors import CredentialsRejectedError, IdentityError, KdcUnreachableError, TicketError
 from ..tickets import KDC_UNREACHABLE
+from .ccache import build_cache, encode_principal, rewrite_creds
+
+T = TypeVar("T")
+
+# Refusal reasons (permanent: the notebook shows them and does not retry).
+USER_NOT_DELEGABLE = "user_not_delegable"
+ACCOUNT_DISABLED = "account_disabled"
+SERVICE_NOT_ALLOWED = "service_not_allowed"
+BROKER_NOT_TRUSTED = "broker_not_trusted"
+UNKNOWN_PRINCIPAL = "unknown_principal"
+SERVICE_UNKNOWN = "service_unknown"
+KDC_REFUSED = "kdc_refused"  # any other refusal: the message names the KDC's code
+DELEGATION = "delegation"  # not a reason: told apart by the evidence ticket (module docstring)
+# Outages (the whole request gets 503; retrying later may work).
+KDC_UNAVAILABLE = "kdc_unreachable"
+BROKER_TICKET = "broker_ticket"  # the broker's own TGT was refused: fetched again on the next request
+BROKER_KEY = "credentials_rejected"  # the broker's keytab no longer matches its account
+CLOCK_SKEW = "clock_skew"
+OUTAGES = frozenset({KDC_UNAVAILABLE, BROKER_TICKET, BROKER_KEY, CLOCK_SKEW})
+
+_KRB5 = -1765328384  # ERROR_TABLE_BASE_krb5 (signed), as GSSAPI's minor status and krb5's err_code carry it
+
+
+@dataclass(frozen=True)
+class KdcError:
+    """How one KDC error code is answered: ``reason`` (or ``at_self`` when S4U2Self got it)."""
+
+    name: str
+    reason: str
+    at_self: str | None = None
+
+
+_PKINIT = ("KDC_ERROR_CLIENT_NOT_TRUSTED", "KDC_ERROR_KDC_NOT_TRUSTED", "KDC_ERROR_INVALID_SIG",
+           "KDC_ERR_DH_KEY_PARAMETERS_NOT_ACCEPTED", "KDC_ERR_CERTIFICATE_MISMATCH", "KRB_AP_ERR_NO_TGT",
+           "KDC_ERR_WRONG_REALM", "KRB_AP_ERR_USER_TO_USER_REQUIRED", "KDC_ERR_CANT_VERIFY_CERTIFICATE",
+           "KDC_ERR_INVALID_CERTIFICATE", "KDC_ERR_REVOKED_CERTIFICATE", "KDC_ERR_REVOCATION_STATUS_UNKNOWN",
+           "KDC_ERR_REVOCATION_STATUS_UNAVAILABLE", "KDC_ERR_CLIENT_NAME_MISMATCH", "KDC_ERR_KDC_NAME_MISMATCH",
+           "KDC_ERR_INCONSISTENT_KEY_PURPOSE", "KDC_ERR_DIGEST_IN_CERT_NOT_ACCEPTED",
+           "KDC_ERR_PA_CHECKSUM_MUST_BE_INCLUDED", "KDC_ERR_DIGEST_IN_SIGNED_DATA_NOT_ACCEPTED",
+           "KDC_ERR_PUBLIC_KEY_ENCRYPTION_NOT_SUPPORTED")
+
+# Every KDC error code (RFC 4120 7.5.9, RFC 4556, RFC 6113), answered on purpose. Codes missing here (there are
+# none today) and library errors not listed below are permanent KDC_REFUSED.
+KDC_ERRORS: dict[int, KdcError] = {
+    1: KdcError("KDC_ERR_NAME_EXP", ACCOUNT_DISABLED),  # the user's account has expired
+    2: KdcError("KDC_ERR_SERVICE_EXP", KDC_REFUSED),  # the service's (or the broker's) account has expired
+    3: KdcError("KDC_ERR_BAD_PVNO", KDC_REFUSED),
+    4: KdcError("KDC_ERR_C_OLD_MAST_KVNO", KDC_REFUSED),
+    5: KdcError("KDC_ERR_S_OLD_MAST_KVNO", KDC_REFUSED),
+    6: KdcError("KDC_ERR_C_PRINCIPAL_UNKNOWN", UNKNOWN_PRINCIPAL),
+    # MIT answers S4U2Self for an unknown user with "server not found"; at S4U2Proxy it is the cluster's SPN
+    7: KdcError("KDC_ERR_S_PRINCIPAL_UNKNOWN", SERVICE_UNKNOWN, at_self=UNKNOWN_PRINCIPAL),
+    8: KdcError("KDC_ERR_PRINCIPAL_NOT_UNIQUE", KDC_REFUSED),
+    9: KdcError("KDC_ERR_NULL_KEY", KDC_REFUSED),
+    10: KdcError("KDC_ERR_CANNOT_POSTDATE", KDC_REFUSED),
+    11: KdcError("KDC_ERR_NEVER_VALID", KDC_REFUSED),
+    # Samba refuses S4U2Self for a disabled user with POLICY, and may refuse S4U2Proxy with it
+    12: KdcError("KDC_ERR_POLICY", DELEGATION, at_self=ACCOUNT_DISABLED),
+    13: KdcError("KDC_ERR_BADOPTION", DELEGATION, at_self=BROKER_NOT_TRUSTED),
+    14: KdcError("KDC_ERR_ETYPE_NOSUPP", KDC_REFUSED),
+    15: KdcError("KDC_ERR_SUMTYPE_NOSUPP", KDC_REFUSED),
+    16: KdcError("KDC_ERR_PADATA_TYPE_NOSUPP", KDC_REFUSED),
+    17: KdcError("KDC_ERR_TRTYPE_NOSUPP", KDC_REFUSED),
+    18: KdcError("KDC_ERR_CLIENT_REVOKED", ACCOUNT_DISABLED),  # AD: disabled, locked out or expired
+    19: KdcError("KDC_ERR_SERVICE_REVOKED", KDC_REFUSED),
+    20: KdcError("KDC_ERR_TGT_REVOKED", BROKER_TICKET),
+    21: KdcError("KDC_ERR_CLIENT_NOTYET", ACCOUNT_DISABLED),
+    22: KdcError("KDC_ERR_SERVICE_NOTYET", KDC_REFUSED),
+    23: KdcError("KDC_ERR_KEY_EXP", ACCOUNT_DISABLED),
+    24: KdcError("KDC_ERR_PREAUTH_FAILED", BROKER_KEY),
+    25: KdcError("KDC_ERR_PREAUTH_REQUIRED", BROKER_KEY),
+    26: KdcError("KDC_ERR_SERVER_NOMATCH", KDC_REFUSED),
+    27: KdcError("KDC_ERR_MUST_USE_USER2USER", KDC_REFUSED),
+    28: KdcError("KDC_ERR_PATH_NOT_ACCEPTED", KDC_REFUSED),
+    29: KdcError("KDC_ERR_SVC_UNAVAILABLE", KDC_UNAVAILABLE),
+    31: KdcError("KRB_AP_ERR_BAD_INTEGRITY", BROKER_KEY),
+    32: KdcError("KRB_AP_ERR_TKT_EXPIRED", BROKER_TICKET),
+    33: KdcError("KRB_AP_ERR_TKT_NYV", CLOCK_SKEW),
+    34: KdcError("KRB_AP_ERR_REPEAT", BROKER_TICKET),
+    35: KdcError("KRB_AP_ERR_NOT_US", BROKER_KEY),
+    36: KdcError("KRB_AP_ERR_BADMATCH", BROKER_TICKET),
+    37: KdcError("KRB_AP_ERR_SKEW", CLOCK_SKEW),
+    38: KdcError("KRB_AP_ERR_BADADDR", KDC_REFUSED),
+    39: KdcError("KRB_AP_ERR_BADVERSION", KDC_REFUSED),
+    40: KdcError("KRB_AP_ERR_MSG_TYPE", KDC_REFUSED),
+    41: KdcError("KRB_AP_ERR_MODIFIED", BROKER_KEY),
+    42: KdcError("KRB_AP_ERR_BADORDER", KDC_REFUSED),
+    44: KdcError("KRB_AP_ERR_BADKEYVER", BROKER_KEY),
+    45: KdcError("KRB_AP_ERR_NOKEY", BROKER_KEY),
+    46: KdcError("KRB_AP_ERR_MUT_FAIL", KDC_REFUSED),
+    47: KdcError("KRB_AP_ERR_BADDIRECTION", KDC_REFUSED),
+    48: KdcError("KRB_AP_ERR_METHOD", KDC_REFUSED),
+    49: KdcError("KRB_AP_ERR_BADSEQ", KDC_REFUSED),
+    50: KdcError("KRB_AP_ERR_INAPP_CKSUM", KDC_REFUSED),
+    51: KdcError("KRB_AP_PATH_NOT_ACCEPTED", KDC_REFUSED),
+    52: KdcError("KRB_ERR_RESPONSE_TOO_BIG", KDC_UNAVAILABLE),  # the library retries over TCP by itself first
+    60: KdcError("KRB_ERR_GENERIC", KDC_REFUSED),  # Heimdal's catch-all: a refusal, looked at by a person
+    61: KdcError("KRB_ERR_FIELD_TOOLONG", KDC_REFUSED),
+    **{62 + n: KdcError(name, KDC_REFUSED) for n, name in enumerate(_PKINIT)},
+    90: KdcError("KDC_ERR_PREAUTH_EXPIRED", BROKER_TICKET),
+    91: KdcError("KDC_ERR_MORE_PREAUTH_DATA_REQUIRED", BROKER_KEY),
+    92: KdcError("KDC_ERR_PREAUTH_BAD_AUTHENTICATION_SET", BROKER_KEY),
+    93: KdcError("KDC_ERR_UNKNOWN_CRITICAL_FAST_OPTIONS", KDC_REFUSED),
+}
+# Errors of the client library rather than the KDC's protocol codes.
+LIBRARY_ERRORS: dict[int, KdcError] = {
+    **{code: KdcError("KRB5_KDC_UNREACH", KDC_UNAVAILABLE) for code in KDC_UNREACHABLE},
+    _KRB5 + 221: KdcError("KRB5_TKT_NOT_FORWARDABLE", DELEGATION, at_self=BROKER_NOT_TRUSTED),
+}
+
+
+def kdc_error(code: int, at_self: bool) -> tuple[str, str]:
+    """(the code's name, the reason or outage) for a krb5 error code (signed, as GSSAPI's minor status)."""
+    entry = LIBRARY_ERRORS.get(code) or (KDC_ERRORS.get(code - _KRB5) if 0 <= code - _KRB5 < 128 else None)
+    if entry is None:
+        name = f"KDC error {code - _KRB5}" if 0 <= code - _KRB5 < 128 else f"krb5 error {code}"
+        return name, KDC_REFUSED
+    return entry.name, (entry.at_self or entry.reason) if at_self else entry.reason
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A cluster the KDC would not issue: ``reason`` (above) and a one-line ``message`` naming what to change."""
+
+    reason: str
+    message: str
+    kdc_code: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"reason": self.reason, "message": self.message}
 
 
 class DelegationRefused(TicketError):
-    """The KDC will not let the broker act for this user (S4U2Self) or towards this service (S4U2Proxy)."""
+    """Kept for callers of an earlier version: issuing no longer raises it (see ``Issued.refused``)."""
 
     code = "delegation_not_allowed"
-
-
-_KRB5 = -1765328384  # ERROR_TABLE_BASE_krb5 (signed), as GSSAPI's minor status and krb5's err_code carry it
-_C_UNKNOWN, _S_UNKNOWN, _POLICY, _BADOPTION = (_KRB5 + n for n in (6, 7, 12, 13))
 
 
 @dataclass(frozen=True)
 class Issued:
     principal: str
-    cache: bytes  # a FILE credential cache (format 0x0504)
+    cache: bytes  # a FILE credential cache (format 0x0504); no credentials when nothing was issued
     clusters: dict[str, int]  # cluster name -> end time of its ticket (Unix seconds)
     timings: dict[str, float]  # seconds: "s4u2self", then "proxy:<cluster>"
+    refused: dict[str, Refusal] = field(default_factory=dict)  # cluster name -> why the KDC refused it
 
 
 class Issuer:
@@ -60,52 +201,118 @@ class Issuer:
         self._tgt_lock = threading.Lock()
         self._counter = 0
         self._lock = threading.Lock()
+        self._delegable: str | None = None  # the last user whose evidence ticket was forwardable
 
     def issue(self, principal: str, clusters: dict[str, str], lifetime: int) -> Issued:
         """Service tickets for ``principal`` to each ``clusters`` SPN, valid at most ``lifetime`` seconds.
 
-        Raises DelegationRefused, KdcUnreachableError, CredentialsRejectedError (the broker's key),
-        IdentityError (unknown user, not a user principal), TicketError.
+        Each cluster is issued or refused on its own (``Issued.refused``). Raises only for an outage or a bad
+        request: KdcUnreachableError, CredentialsRejectedError (the broker's key), TicketError, IdentityError.
         """
         realm = self.service_principal.rpartition("@")[2] if "@" in self.service_principal else _default_realm()
         principal = qualify(principal, realm)
         if "/" in principal.rpartition("@")[0]:
             raise IdentityError(f"refusing to act for {principal!r}: only user principals", code="invalid_request")
-        clusters = {name: qualify(spn, realm) for name, spn in clusters.items()}
-        if not clusters or lifetime <= 0:
+        spns = {name: qualify(spn, realm) for name, spn in clusters.items()}
+        if not spns or lifetime <= 0:
             raise TicketError("issuing needs at least one service and a positive lifetime", code="invalid_request")
-        with self._lock:
-            self._counter += 1
-            name = f"MEMORY:kerb-jupyter-broker-{os.getpid()}-{self._counter}"
         ctx = krb5.init_context()
-        cc = krb5.cc_resolve(ctx, name.encode())
-        user_cc = krb5.cc_resolve(ctx, (name + "-user").encode())
+        cc, user_cc = self._memory_cache(ctx), self._memory_cache(ctx)
         timings: dict[str, float] = {}
         try:
             t0 = time.perf_counter()
-            lifetime = min(lifetime, self._own_tgt(ctx, cc))
-            svc = self._gss(lambda: gssapi.Credentials(
+            lifetime = min(lifetime, self._own_tgt(ctx, cc[0]))
+            svc = self._broker_gss(lambda: gssapi.Credentials(
                 name=gssapi.Name(self.service_principal, gssapi.NameType.kerberos_principal), usage="initiate",
-                store={b"ccache": name.encode()}), "the broker's own ticket")
-            user = gssapi.Name(principal, gssapi.NameType.kerberos_principal)
-            imp = self._gss(lambda: svc.impersonate(user, usage="initiate"), f"acting for {principal}")
+                store={b"ccache": cc[1]}))
+            try:
+                imp = svc.impersonate(gssapi.Name(principal, gssapi.NameType.kerberos_principal), usage="initiate")
+            except GSSError as err:
+                refusal = self._refusal(err, principal, None)
+                return Issued(principal, build_cache(principal, []), {}, timings, dict.fromkeys(spns, refusal))
             timings["s4u2self"] = time.perf_counter() - t0
-            for cluster, spn in clusters.items():
+            refused: dict[str, Refusal] = {}
+            for cluster, spn in spns.items():
                 t1 = time.perf_counter()
-                target = gssapi.Name(spn, gssapi.NameType.kerberos_principal)
-                self._gss(lambda t=target: gssapi.SecurityContext(
-                    name=t, creds=imp, usage="initiate", lifetime=lifetime).step(), f"a ticket for {cluster}",
-                    target=spn)
+                try:
+                    gssapi.SecurityContext(name=gssapi.Name(spn, gssapi.NameType.kerberos_principal), creds=imp,
+                                           usage="initiate", lifetime=lifetime).step()
+                except GSSError as err:
+                    refused[cluster] = self._refusal(err, principal, spn)
                 timings[f"proxy:{cluster}"] = time.perf_counter() - t1
-            # MIT keeps the proxy tickets with the impersonated credential: store it to read them back.
-            imp.store(store={b"ccache": (name + "-user").encode()}, overwrite=True)
-            return self._export(ctx, [cc, user_cc], principal, clusters, timings)
+            # MIT keeps the evidence and proxy tickets with the impersonated credential: store it to read them.
+            imp.store(store={b"ccache": user_cc[1]}, overwrite=True)
+            if _forwardable(user_cc[0], principal, self.service_principal):
+                self._delegable = principal
+            if any(r.reason == DELEGATION for r in refused.values()):
+                refused = self._tell_apart(ctx, svc, user_cc[0], principal, spns, refused)
+            return self._export(ctx, [cc[0], user_cc[0]], principal, spns, timings, refused)
         finally:
-            for c in (cc, user_cc):
+            for c in (cc[0], user_cc[0]):
                 try:
                     krb5.cc_destroy(ctx, c)
                 except krb5.Krb5Error:
                     pass
+
+    def _memory_cache(self, ctx: krb5.Context) -> tuple[krb5.CCache, bytes]:
+        with self._lock:
+            self._counter += 1
+            name = f"MEMORY:kerb-jupyter-broker-{os.getpid()}-{self._counter}".encode()
+        return krb5.cc_resolve(ctx, name), name
+
+    def _refusal(self, err: GSSError, principal: str, spn: str | None) -> Refusal:
+        """The KDC's answer to S4U2Self (``spn`` None) or to S4U2Proxy towards ``spn``; raises for an outage."""
+        minor = err.min_code - (1 << 32) if err.min_code >= 1 << 31 else err.min_code
+        name, reason = kdc_error(minor, spn is None)
+        text = " ".join(str(err).split())[:200]
+        step = f"S4U2Self for {principal}" if spn is None else f"S4U2Proxy for {principal} to {spn}"
+        if reason in OUTAGES:
+            if reason == BROKER_TICKET:
+                with self._tgt_lock:
+                    self._tgt = None
+            if reason == KDC_UNAVAILABLE:
+                raise KdcUnreachableError(f"{step}: the broker cannot reach the KDC ({name})")
+            if reason == BROKER_KEY:
+                raise CredentialsRejectedError(f"{step}: the KDC refused the broker's key from {self.keytab} "
+                                               f"({name}); export the keytab again")
+            raise TicketError(f"{step}: {name}, retry later", code=reason)
+        return Refusal(reason, refusal_message(reason, principal, self.service_principal, spn, name, text), name)
+
+    def _tell_apart(self, ctx: krb5.Context, svc: gssapi.Credentials, user_cc: krb5.CCache, principal: str,
+                    spns: dict[str, str], refused: dict[str, Refusal]) -> dict[str, Refusal]:
+        """Delegation refusals -> service_not_allowed, user_not_delegable or broker_not_trusted (module docstring)."""
+        trusted: bool | None = True
+        if _forwardable(user_cc, principal, self.service_principal):
+            reason = SERVICE_NOT_ALLOWED
+        else:
+            trusted = None  # impersonating itself is refused (KDC_ERR_PADATA_TYPE_NOSUPP: MIT and Samba KDCs)
+            if self._delegable not in (None, principal):
+                trusted = self._trusted(ctx, svc, str(self._delegable))
+            reason = USER_NOT_DELEGABLE if trusted else BROKER_NOT_TRUSTED
+        out = dict(refused)
+        for cluster, r in refused.items():
+            if r.reason == DELEGATION:
+                message = refusal_message(reason, principal, self.service_principal, spns[cluster], r.kdc_code, "")
+                if trusted is None:
+                    message += f", or the user {principal} cannot be delegated (the KDC does not say which)"
+                out[cluster] = Refusal(reason, message, r.kdc_code)
+        return out
+
+    def _trusted(self, ctx: krb5.Context, svc: gssapi.Credentials, probe: str) -> bool | None:
+        """Whether the KDC trusts the broker for protocol transition, by impersonating ``probe`` (a principal that
+        may be delegated): its evidence ticket is forwardable only if so. None when the KDC refuses the probe."""
+        cc = self._memory_cache(ctx)
+        try:
+            me = svc.impersonate(gssapi.Name(probe, gssapi.NameType.kerberos_principal), usage="initiate")
+            me.store(store={b"ccache": cc[1]}, overwrite=True)
+            return _forwardable(cc[0], probe, self.service_principal)
+        except GSSError:
+            return None
+        finally:
+            try:
+                krb5.cc_destroy(ctx, cc[0])
+            except krb5.Krb5Error:
+                pass
 
     def _own_tgt(self, ctx: krb5.Context, cc: krb5.CCache) -> int:
         """The broker's TGT, NOT renewable, into ``cc``; returns the seconds it has left.
@@ -149,58 +356,69 @@ class Issuer:
             raise CredentialsRejectedError(f"the broker's own ticket from {self.keytab}: {err}") from None
         return creds
 
-    def _gss(self, call: object, what: str, target: str | None = None) -> gssapi.Credentials:
+    def _broker_gss(self, call: Callable[[], T]) -> T:
+        """A GSSAPI call with the broker's own credentials; any failure is the broker's (503)."""
         try:
-            return call()  # type: ignore[operator,no-any-return]
+            return call()
         except GSSError as err:
-            raise classify(err, what, self.service_principal, target) from None
+            minor = err.min_code - (1 << 32) if err.min_code >= 1 << 31 else err.min_code
+            if kdc_error(minor, True)[1] == KDC_UNAVAILABLE:
+                raise KdcUnreachableError("the broker's own ticket: the broker cannot reach the KDC") from None
+            raise CredentialsRejectedError(f"the broker's own ticket: {' '.join(str(err).split())[:160]}") from None
 
     def _export(self, ctx: krb5.Context, caches: list[krb5.CCache], principal: str, clusters: dict[str, str],
-                timings: dict[str, float]) -> Issued:
-        wanted = {spn_key(spn): (name, spn) for name, spn in clusters.items()}
-        found: dict[str, tuple[str, bytes, int]] = {}
+                timings: dict[str, float], refused: dict[str, Refusal]) -> Issued:
+        wanted = {spn_key(spn): (name, spn) for name, spn in clusters.items() if name not in refused}
+        found: dict[str, tuple[bytes, int]] = {}
         for creds in (c for cc in caches for c in cc):
             client = creds.client.name.decode() if creds.client.name else ""
             server = creds.server.name.decode() if creds.server.name else ""
             hit = wanted.get(spn_key(server))
             if client.lower() == principal.lower() and hit is not None:
                 name, spn = hit
-                raw = krb5.marshal_credentials(ctx, creds)
-                found[name] = (spn, rewrite_creds(raw, spn), creds.times.endtime)
-        missing = sorted(set(clusters) - set(found))
-        if missing:
-            raise TicketError(f"the KDC gave no ticket for {', '.join(missing)}", code="no_service_ticket")
-        body = b"".join(found[n][1] for n in sorted(found))
-        cache = struct.pack(">HH", 0x0504, 0) + encode_principal(principal) + body
-        return Issued(principal, cache, {n: found[n][2] for n in sorted(found)}, timings)
+                found[name] = (rewrite_creds(krb5.marshal_credentials(ctx, creds), spn), creds.times.endtime)
+        refused = dict(refused)
+        for name in sorted(set(clusters) - set(found) - set(refused)):  # "issued" without a ticket: never seen
+            refused[name] = Refusal(KDC_REFUSED, f"the KDC gave no ticket for {clusters[name]} to {principal}")
+        cache = build_cache(principal, [found[n][0] for n in sorted(found)])
+        return Issued(principal, cache, {n: found[n][1] for n in sorted(found)}, timings, refused)
+
+
+def refusal_message(reason: str, principal: str, broker: str, spn: str | None, code: str, text: str) -> str:
+    """One line naming the object an administrator must change for ``reason``."""
+    target = spn or "any service"
+    if reason == USER_NOT_DELEGABLE:
+        return (f"the user {principal} cannot be delegated: the account is marked sensitive (NOT_DELEGATED) "
+                f"or is in Protected Users; change the user account, not the broker ({code})")
+    if reason == ACCOUNT_DISABLED:
+        return f"the account {principal} is disabled, locked or expired ({code})"
+    if reason == SERVICE_NOT_ALLOWED:
+        return (f"the broker {broker} is not allowed to delegate to {target}: add {target} to the broker account's "
+                f"delegation list (msDS-AllowedToDelegateTo / krbAllowedToDelegateTo) ({code})")
+    if reason == BROKER_NOT_TRUSTED:
+        return (f"the broker account {broker} is not trusted for protocol transition (TRUSTED_TO_AUTH_FOR_DELEGATION"
+                f" / ok_to_auth_as_delegate) ({code})")
+    if reason == UNKNOWN_PRINCIPAL:
+        return f"the directory has no user {principal} ({code})"
+    if reason == SERVICE_UNKNOWN:
+        return f"the KDC does not know the service principal {target} (its servicePrincipalName) ({code})"
+    step = f"S4U2Proxy to {spn}" if spn else f"S4U2Self for {principal}"
+    return f"the KDC refused {step}: {code}" + (f" ({text})" if text else "")
+
+
+def _forwardable(cc: krb5.CCache, client: str, server: str) -> bool:
+    """Whether ``cc`` holds a forwardable ticket from ``client`` to ``server`` (the S4U2Self evidence ticket)."""
+    for creds in cc:
+        c = creds.client.name.decode() if creds.client.name else ""
+        s = creds.server.name.decode() if creds.server.name else ""
+        if c.lower() == client.lower() and spn_key(s) == spn_key(server):
+            return bool(creds.ticket_flags & krb5.TicketFlags.forwardable)
+    return False
 
 
 def spn_key(name: str) -> str:
     """``service/host`` without the realm, lower-case: proxy tickets may come back with an empty realm."""
     return name.rsplit("@", 1)[0].lower() if "@" in name else name.lower()
-
-
-def classify(err: GSSError, what: str, service: str, target: str | None = None) -> TicketError | IdentityError:
-    """The KDC's answer to S4U2Self (``target`` None) or to S4U2Proxy towards ``target``, as a coded error."""
-    minor = err.min_code - (1 << 32) if err.min_code >= 1 << 31 else err.min_code
-    text = str(err)
-    if minor in KDC_UNREACHABLE or "Cannot contact any KDC" in text or "Cannot find KDC" in text:
-        return KdcUnreachableError(f"{what}: the broker cannot reach the KDC")
-    refused = minor in (_POLICY, _BADOPTION) or "can't fulfill requested option" in text
-    if target is not None and (refused or "not allowed to delegate" in text.lower()):
-        return DelegationRefused(f"{what}: {service} is not allowed to delegate to {target} (constrained "
-                                 "delegation)")
-    if refused:
-        return DelegationRefused(f"{what}: the KDC refused {service} protocol transition (is it trusted to "
-                                 "authenticate for delegation?)", code="impersonation_not_allowed")
-    if (minor == _C_UNKNOWN or (minor == _S_UNKNOWN and target is None) or "Client not found" in text
-            or ("Client '" in text and "not found" in text)):
-        return IdentityError(f"{what}: the directory has no such user", code="unknown_principal")
-    if minor == _S_UNKNOWN or "Server not found" in text or "not found in Kerberos database" in text:
-        return TicketError(f"{what}: the KDC does not know the service principal {target}", code="service_unknown")
-    if "Key table" in text or "keytab" in text.lower() or "Preauthentication failed" in text:
-        return CredentialsRejectedError(f"{what}: the broker's keytab was refused ({text[:160]})")
-    return TicketError(f"{what}: {text[:200]}")
 
 
 def qualify(name: str, realm: str) -> str:
@@ -219,60 +437,5 @@ def _default_realm() -> str:
                           code="invalid_request") from None
 
 
-# -- the FILE ccache format (version 4), the same encoding krb5_marshal_credentials produces ---------------
-def _counted(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
-def encode_principal(name: str, name_type: int = 1) -> bytes:
-    user, _, realm = name.rpartition("@")
-    parts = user.split("/")
-    return struct.pack(">II", name_type, len(parts)) + _counted(realm.encode()) + b"".join(
-        _counted(p.encode()) for p in parts)
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise TicketError("a credential from the KDC could not be decoded", code="bad_credential")
-        chunk = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return chunk
-
-    def u32(self) -> int:
-        return int(struct.unpack(">I", self.take(4))[0])
-
-    def counted(self) -> bytes:
-        return self.take(self.u32())
-
-    def principal(self) -> None:
-        self.u32()
-        count = self.u32()
-        for _ in range(count + 1):
-            self.counted()
-
-
-def rewrite_creds(raw: bytes, spn: str) -> bytes:
-    """A marshalled credential with the server principal set to ``spn`` (full realm) and no second ticket."""
-    r = _Reader(raw)
-    r.principal()
-    client_end = r.pos
-    r.principal()
-    rest = r.pos
-    r.take(2)
-    r.counted()  # keyblock
-    r.take(16)  # authtime, starttime, endtime, renew_till
-    is_skey_at = r.pos
-    r.take(1 + 4)  # is_skey, ticket flags
-    for _ in range(2):  # addresses, authdata
-        for _ in range(r.u32()):
-            r.take(2)
-            r.counted()
-    r.counted()  # the service ticket
-    ticket_end = r.pos
-    r.counted()  # the evidence ticket: dropped
-    return (raw[:client_end] + encode_principal(spn, name_type=2) + raw[rest:is_skey_at] + b"\x00"
-            + raw[is_skey_at + 1:ticket_end] + _counted(b""))
+__all__ = ["KDC_ERRORS", "DelegationRefused", "Issued", "Issuer", "Refusal", "encode_principal", "kdc_error",
+           "qualify", "refusal_message", "rewrite_creds", "spn_key"]

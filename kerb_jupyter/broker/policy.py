@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, IdentityError, KerbJupyterError
-from ..mapping import map_identity
+from ..mapping import map_identity, validate_spec
 from .auth import Caller
+from .groups import Membership
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 # IAM Identity Center sets the session name of its permission-set roles to the user's sign-in name.
 SSO_ROLE_PREFIX = "AWSReservedSSO_"
 
-GroupLookup = Callable[[str], Awaitable[frozenset[str]]]
+GroupLookup = Callable[[str], Awaitable[Membership]]
 
 
 class Denied(KerbJupyterError):
@@ -103,8 +104,12 @@ class Policy:
     max_lifetime: int
 
     async def decide(self, caller: Caller, source: str, groups_of: GroupLookup | None = None,
-                     now: float | None = None) -> Decision:
-        """The decision for a verified caller from address ``source``. Raises Denied with the reason as code."""
+                     now: float | None = None, rename: bool = False) -> Decision:
+        """The decision for a verified caller from address ``source``. Raises Denied with the reason as code.
+
+        ``groups_of`` asks the directory (for rules with group conditions, or for every rule with ``rename``);
+        the principal becomes the directory's own name for the user when it gives one.
+        """
         now = time.time() if now is None else now
         rule = next((r for r in self.rules if r.matches(caller)), None)
         if rule is None:
@@ -122,10 +127,12 @@ class Policy:
         except IdentityError as err:
             raise Denied(f"rule {rule.name}: {err}", code="unmapped") from None
         granted = list(rule.clusters)
-        if rule.groups:
-            if groups_of is None:
-                raise Denied(f"rule {rule.name}: group conditions need the ldap settings", code="no_group")
-            member = {g.lower() for g in await groups_of(principal)}
+        if rule.groups and groups_of is None:
+            raise Denied(f"rule {rule.name}: group conditions need the ldap settings", code="no_group")
+        if groups_of is not None and (rule.groups or rename):
+            found = await groups_of(principal)
+            principal = found.principal or principal
+            member = {g.lower() for g in found.groups}
             for group, names in rule.groups.items():
                 if group.lower() in member:
                     granted.extend(n for n in names if n not in granted)
@@ -174,6 +181,7 @@ def _rule(raw: Any, no: int, clusters: dict[str, str]) -> Rule:
             raise ConfigError(f"{where}: '{key}' must be a string")
     if not isinstance(raw["mapping"], dict) or not isinstance(raw["mapping"].get("rules"), list):
         raise ConfigError(f"{where}: 'mapping' must be an object with a 'rules' list (see kerb_jupyter.mapping)")
+    validate_spec(raw["mapping"], where)  # an uncompilable regex, an unknown field: refused here, not per request
     names = _names(raw.get("clusters", []), where + ".clusters", clusters)
     groups_raw = raw.get("groups", {})
     if not isinstance(groups_raw, dict):

@@ -4,7 +4,7 @@
       "listen": {"address": "0.0.0.0", "port": 8443, "tls_cert": "/etc/broker/cert.pem", "tls_key": "..."},
       "audience": "kerb-jupyter-broker.corp.example.com",
       "sts": {"endpoint": "https://sts.eu-west-1.amazonaws.com/", "host": "sts.eu-west-1.amazonaws.com",
-              "timeout": 5, "max_clients": 100},
+              "region": "eu-west-1", "timeout": 5, "max_clients": 100},
       "kerberos": {"principal": "svc-broker@CORP.EXAMPLE.COM", "keytab": "/etc/broker/broker.keytab",
                    "max_lifetime": 36000},
       "clusters": {"analytics": "postgres/analytics.cluster-x.eu-west-1.rds.amazonaws.com@CORP.EXAMPLE.COM"},
@@ -30,6 +30,7 @@ from .policy import Policy, parse_policy
 log = logging.getLogger(__name__)
 
 _TOP = {"listen", "audience", "sts", "kerberos", "clusters", "ldap", "limits", "store", "audit_log", "policy"}
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 _SPN = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+@[A-Z0-9][A-Z0-9.-]*$")
 LIMIT_DEFAULTS = {
     "per_principal": [30, 60.0], "per_arn": [30, 60.0], "per_source": [120, 60.0],
@@ -52,6 +53,7 @@ class BrokerSettings:
     audience: str
     sts_endpoint: str
     sts_host: str
+    sts_region: str
     keytab: Path
     service_principal: str
     clusters: dict[str, str]
@@ -107,6 +109,10 @@ def parse_broker_settings(raw: Any, where: Path | None = None) -> BrokerSettings
     if not endpoint.startswith(("https://", "http://")):
         raise ConfigError("sts.endpoint is required: the STS URL the broker forwards to (https://sts.REGION...)")
     host = str(sts.get("host") or urlsplit(endpoint).netloc)
+    region = sts.get("region") or sts_region(host)
+    if not isinstance(region, str) or not _REGION.match(region):
+        raise ConfigError(f"sts.region is required when the STS host {host!r:.80} names no region: the region "
+                          "notebooks sign for, e.g. eu-west-1")
     if not krb.get("keytab") or not krb.get("principal"):
         raise ConfigError("kerberos.keytab and kerberos.principal (the broker's service principal) are required")
     clusters = raw.get("clusters", {})
@@ -123,7 +129,7 @@ def parse_broker_settings(raw: Any, where: Path | None = None) -> BrokerSettings
     if not tls_cert and not is_loopback(address):
         raise ConfigError(f"listen.address {address} is not loopback: TLS is required (listen.tls_cert/tls_key)")
     return BrokerSettings(
-        path=where, audience=audience, sts_endpoint=endpoint, sts_host=host,
+        path=where, audience=audience, sts_endpoint=endpoint, sts_host=host, sts_region=region,
         keytab=Path(str(krb["keytab"])), service_principal=str(krb["principal"]), clusters=dict(clusters),
         policy=parse_policy(raw.get("policy"), clusters, max_life), address=address,
         port=_int(listen.get("port", 8443), "listen.port", 0), tls_cert=Path(tls_cert) if tls_cert else None,
@@ -160,6 +166,15 @@ def _limits(raw: dict[str, Any]) -> Limits:
     return Limits(**pairs, issues_per_principal_hour=_int(raw.get("issues_per_principal_hour", 120),
                                                           "limits.issues_per_principal_hour", 1),
                   max_body=_int(raw.get("max_body", 16384), "limits.max_body", 1024))
+
+
+def sts_region(host: str) -> str | None:
+    """The signing region of an AWS STS host name (regional, FIPS, VPC endpoint; the global one is us-east-1)."""
+    name = host.rsplit(":", 1)[0].lower()
+    if name == "sts.amazonaws.com":
+        return "us-east-1"
+    m = re.search(r"(?:^|\.)sts(?:-fips)?\.([a-z]{2}(?:-[a-z]+)+-\d+)\.(?:vpce\.)?amazonaws\.com(?:\.cn)?$", name)
+    return m[1] if m else None
 
 
 def is_loopback(address: str) -> bool:

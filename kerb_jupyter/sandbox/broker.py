@@ -99,11 +99,12 @@ class BrokerSandbox(BaseSandbox):
         doc: dict[str, Any] = {
             "listen": {"address": "127.0.0.1", "port": self.broker_port},
             "audience": AUDIENCE,
-            "sts": {"endpoint": self.sts.url + "/", "timeout": 5},
+            "sts": {"endpoint": self.sts.url + "/", "region": REGION, "timeout": 5},
             "kerberos": {"principal": self.realm.principal("broker/localhost"), "keytab": str(self.broker_keytab),
                          "max_lifetime": 3600},
             "clusters": {name: self.spn(name) for name in self.servers},
-            "ldap": {"url": self.realm.slapd.url, "base": self.realm.people, "bind_dn": self.realm.slapd.reader_dn,
+            "ldap": {"url": self.realm.slapd.ldaps_url, "ca_bundle": str(self.realm.slapd.ca_cert),
+                     "base": self.realm.people, "bind_dn": self.realm.slapd.reader_dn,
                      "password_file": str(reader), "cache_seconds": 60},
             "audit_log": str(self.audit_log),
             "policy": {"rules": [{

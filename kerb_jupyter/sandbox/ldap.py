@@ -23,17 +23,47 @@ SYSTEM_SCHEMA = Path("/etc/ldap/schema")
 MODULE_DIR = Path("/usr/lib/ldap")
 
 
+def make_tls(root: Path, names: Sequence[str] = ("localhost", "127.0.0.1")) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate for ``names`` (DNS names or addresses) signed by it, with openssl:
+    ``(ca.pem, server.pem, server.key)`` in ``root`` (kept when they exist). Raises SandboxError."""
+    ca, cert, key = root / "ca.pem", root / "server.pem", root / "server.key"
+    if cert.exists():
+        return ca, cert, key
+    sans = ",".join(("IP:" if n.replace(".", "").isdigit() else "DNS:") + n for n in names)
+    (root / "server.ext").write_text(f"subjectAltName={sans}\nbasicConstraints=CA:FALSE\n"
+                                     "extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n")
+    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl = find_binary("openssl", "openssl")
+    for cmd in (
+        [openssl, "req", "-x509", *curve, "-days", "7", "-subj", "/CN=kerb_jupyter sandbox CA",
+         "-keyout", str(root / "ca.key"), "-out", str(ca)],
+        [openssl, "req", *curve, "-subj", f"/CN={names[0]}", "-keyout", str(key), "-out", str(root / "server.csr")],
+        [openssl, "x509", "-req", "-in", str(root / "server.csr"), "-CA", str(ca), "-CAkey", str(root / "ca.key"),
+         "-set_serial", str(int.from_bytes(secrets.token_bytes(8), "big")), "-days", "7",
+         "-extfile", str(root / "server.ext"), "-out", str(cert)],
+    ):
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise SandboxError(f"openssl failed (exit {res.returncode}): {tail(res.stdout + res.stderr)}")
+    for path in (key, root / "ca.key"):
+        path.chmod(0o600)
+    return ca, cert, key
+
+
 class Slapd(Daemon):
     """A private OpenLDAP server for one suffix, its config in ``root/slapd.conf`` (no cn=config, no system state).
 
     Loads MIT's Kerberos schema and the memberof overlay, so ``groupOfNames`` members get ``memberOf``. The root DN
-    (for the KDC) bypasses the ACLs; ``reader_dn`` may read everything except keys and passwords.
+    (for the KDC) bypasses the ACLs; ``reader_dn`` may read everything except keys and passwords. It listens on
+    ``url`` (plain, for the KDC and the admin tools) and on ``ldaps_url`` with a certificate for 127.0.0.1 and
+    localhost from its own CA (``ca_cert``), for the broker.
     """
 
-    def __init__(self, root: Path, suffix: str = "dc=kerb,dc=test", port: int = 0) -> None:
+    def __init__(self, root: Path, suffix: str = "dc=kerb,dc=test", port: int = 0, tls_port: int = 0) -> None:
         self.root = Path(root).resolve()
         self.suffix = suffix
         self.port = port
+        self.tls_port = tls_port
         self.admin_dn = f"cn=admin,{suffix}"
         self.reader_dn = f"cn=reader,{suffix}"
         self.conf = self.root / "slapd.conf"
@@ -45,6 +75,14 @@ class Slapd(Daemon):
     @property
     def url(self) -> str:
         return f"ldap://127.0.0.1:{self.port}"
+
+    @property
+    def ldaps_url(self) -> str:
+        return f"ldaps://127.0.0.1:{self.tls_port}"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "tls" / "ca.pem"
 
     @property
     def admin_password(self) -> str:
@@ -65,6 +103,10 @@ class Slapd(Daemon):
                 f.write_text(secrets.token_urlsafe(18))
         if not self.port:
             self.port = free_port()
+        if not self.tls_port:
+            self.tls_port = free_port()
+        (self.root / "tls").mkdir(mode=0o700, exist_ok=True)
+        _, cert, key = make_tls(self.root / "tls")
         schema = self.root / "kerberos.schema"
         if not schema.exists():
             schema.write_bytes(_kerberos_schema())
@@ -75,6 +117,9 @@ class Slapd(Daemon):
 include {schema}
 pidfile {self.root}/slapd.pid
 argsfile {self.root}/slapd.args
+TLSCACertificateFile {self.ca_cert}
+TLSCertificateFile {cert}
+TLSCertificateKeyFile {key}
 modulepath {MODULE_DIR}
 moduleload back_mdb
 moduleload memberof
@@ -109,7 +154,8 @@ access to *
         if not port_is_free(self.port):
             raise SandboxError(f"port 127.0.0.1:{self.port} for slapd is already in use")
         self.proc = start_daemon(
-            "slapd", [find_binary("slapd", LDAP_PACKAGES), "-d", "32768", "-f", str(self.conf), "-h", self.url + "/"],
+            "slapd", [find_binary("slapd", LDAP_PACKAGES), "-d", "32768", "-f", str(self.conf),
+                      "-h", f"{self.url}/ {self.ldaps_url}/"],
             self.port, self.log_file, cwd=self.root,
         )
 

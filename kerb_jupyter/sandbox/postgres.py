@@ -23,12 +23,19 @@ ADMIN_USER = "postgres"
 
 
 class Postgres:
-    """One PostgreSQL server; ``realm`` supplies krb5.conf and the service keytab."""
+    """One PostgreSQL server; ``realm`` supplies krb5.conf and the service keytab (``spn``'s key).
 
-    def __init__(self, root: Path, realm: Any, name: str = "pg", port: int = 0) -> None:
+    ``address``: the loopback address it listens on (each cluster of the AD sandbox has its own, so that its
+    service principal ``postgres/<address>`` is its own).
+    """
+
+    def __init__(self, root: Path, realm: Any, name: str = "pg", port: int = 0, *, address: str = "127.0.0.1",
+                 spn: str = "postgres/localhost") -> None:
         self.realm = realm
         self.name = name
         self.port = port
+        self.address = address
+        self.spn = spn
         self._run_as: pwd.struct_passwd | None = None
         if os.geteuid() == 0:
             self._run_as = _unprivileged_user()
@@ -48,7 +55,7 @@ class Postgres:
     def start(self) -> None:
         self.port = claim_port(self.port, f"PostgreSQL {self.name!r}")
         shutil.copy(self.realm.krb5_conf, self.base / "krb5.conf")
-        self.realm.export_keytab(self.realm.principal("postgres/localhost"), self.keytab)
+        self.realm.export_keytab(self.realm.principal(self.spn), self.keytab)
         self.sockdir.mkdir(exist_ok=True)
         (self.base / "rcache").mkdir(exist_ok=True)
         self._chown_tree()
@@ -62,11 +69,13 @@ class Postgres:
 
     def _configure(self) -> None:
         r = self.realm.realm
+        # Loopback clients of a server on another 127.x address connect from 127.0.0.1 (or that address).
+        nets = ["127.0.0.1/32"] + ([f"{self.address}/32"] if self.address != "127.0.0.1" else [])
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(
                 f"""
 # kerb_jupyter sandbox
-listen_addresses = '127.0.0.1'
+listen_addresses = '{self.address}'
 port = {self.port}
 unix_socket_directories = '{self.sockdir}'
 krb_server_keyfile = 'FILE:{self.keytab}'
@@ -82,9 +91,8 @@ shared_buffers = 32MB
         (self.data / "pg_hba.conf").write_text(
             f"""# kerb_jupyter sandbox: superuser over the private socket, everyone else by Kerberos only
 local all {ADMIN_USER} trust
-hostgssenc all all 127.0.0.1/32 gss include_realm=1 krb_realm={r}
-host all all 127.0.0.1/32 gss include_realm=1 krb_realm={r}
-"""
+""" + "".join(f"hostgssenc all all {net} gss include_realm=1 krb_realm={r}\n"
+                         f"host all all {net} gss include_realm=1 krb_realm={r}\n" for net in nets)
         )
         self._chown_tree()
 

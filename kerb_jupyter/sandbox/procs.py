@@ -58,26 +58,26 @@ def claim_port(port: int, what: str, wait: float = 0) -> int:
     return port
 
 
-def port_is_free(port: int) -> bool:
-    """Nothing listens on 127.0.0.1:port (TCP) nor holds it (UDP); TIME_WAIT leftovers do not count."""
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Nothing listens on host:port (TCP) nor holds it (UDP); TIME_WAIT leftovers do not count."""
     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
         with socket.socket(socket.AF_INET, kind) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind(("127.0.0.1", port))
+                s.bind((host, port))
             except OSError:
                 return False
     return True
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float) -> bool:
-    """True once something accepts TCP connections on 127.0.0.1:port; False if ``proc`` dies or time runs out."""
+def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float, host: str = "127.0.0.1") -> bool:
+    """True once something accepts TCP connections on host:port; False if ``proc`` dies or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             return False
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.2):
                 return True
         except OSError:
             time.sleep(0.02)
