@@ -175,12 +175,6 @@ class Refusal:
         return {"reason": self.reason, "message": self.message}
 
 
-class DelegationRefused(TicketError):
-    """Kept for callers of an earlier version: issuing no longer raises it (see ``Issued.refused``)."""
-
-    code = "delegation_not_allowed"
-
-
 @dataclass(frozen=True)
 class Issued:
     principal: str
@@ -437,5 +431,5 @@ def _default_realm() -> str:
                           code="invalid_request") from None
 
 
-__all__ = ["KDC_ERRORS", "DelegationRefused", "Issued", "Issuer", "Refusal", "encode_principal", "kdc_error",
+__all__ = ["KDC_ERRORS", "Issued", "Issuer", "Refusal", "encode_principal", "kdc_error",
            "qualify", "refusal_message", "rewrite_creds", "spn_key"]
