@@ -219,3 +219,18 @@ def test_bad_mapping_rules_are_refused_at_load_and_on_reload(tmp_path: Path, map
     path.write_text(json.dumps(settings_doc(tmp_path, policy={"rules": [rule(mapping=mapping)]})))
     assert holder.reload() is False and match in str(holder.last_error)
     assert decide(holder.policy).principal == "alice@KERB.TEST"  # the previous policy still decides
+
+
+def test_the_directory_may_rename_the_principal() -> None:
+    """A UPN-form name found in the directory: the broker acts for the entry's own name (its sAMAccountName)."""
+    p = policy(rule(clusters=[], groups={GROUP: ["analytics"]}))
+
+    async def lookup(principal: str) -> Membership:
+        assert principal == "alice@KERB.TEST"  # what the mapping made of the session name
+        return Membership(frozenset({GROUP}), "asmith@KERB.TEST")
+
+    d = asyncio.run(p.decide(parse_arn(SSO), "10.1.2.3", lookup))
+    assert d.principal == "asmith@KERB.TEST" and d.clusters == {"analytics": CLUSTERS["analytics"]}
+    plain = policy(rule())  # no group conditions: the directory is asked only when told to rename
+    assert asyncio.run(plain.decide(parse_arn(SSO), "10.1.2.3", lookup)).principal == "alice@KERB.TEST"
+    assert asyncio.run(plain.decide(parse_arn(SSO), "10.1.2.3", lookup, rename=True)).principal == "asmith@KERB.TEST"

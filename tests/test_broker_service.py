@@ -26,7 +26,7 @@ from kerb_jupyter.broker.auth import AUDIENCE_HEADER, NONCE_HEADER, sign_request
 from kerb_jupyter.broker.settings import load_broker_settings
 from kerb_jupyter.broker.store import MemoryStore, StoreUnavailable
 from kerb_jupyter.brokersource import build_broker_source
-from kerb_jupyter.errors import ConfigError
+from kerb_jupyter.errors import ConfigError, CredentialsRejectedError, KdcUnreachableError, TicketError
 from kerb_jupyter.sandbox.broker import AUDIENCE, BrokerSandbox
 from kerb_jupyter.sandbox.sts import REGION, SSO_ROLE
 
@@ -249,7 +249,6 @@ def _wait_log(bsb: BrokerSandbox, text: str, count: int = 1) -> bool:
 
 
 def test_the_notebook_source_reports_refusals_plainly(bsb: BrokerSandbox, tmp_path: Path) -> None:
-    from kerb_jupyter.errors import CredentialsRejectedError
 
     src = build_broker_source({"type": "broker", "url": bsb.broker_url, "audience": AUDIENCE, "region": REGION,
                                "sts_url": bsb.sts.url + "/"})
@@ -374,7 +373,6 @@ def test_every_cluster_refused_is_403_with_the_reasons(bsb: BrokerSandbox, tmp_p
 
 def test_tls_with_the_notebook_checking_the_broker_against_its_ca_bundle(bsb: BrokerSandbox,
                                                                         tmp_path: Path) -> None:
-    from kerb_jupyter.errors import KdcUnreachableError
     from kerb_jupyter.sandbox.procs import free_port
 
     cert, key = _self_signed(tmp_path)
@@ -688,3 +686,27 @@ def test_plain_ldap_needs_an_explicit_opt_in_and_is_logged(bsb: BrokerSandbox, t
     broker = Broker(load_broker_settings(path))
     assert any("is plain LDAP (allow_plain_ldap)" in r.getMessage() for r in caplog.records)
     assert outcomes(bsb, broker, [(creds(bsb), "127.0.0.1")]) == ["issued"]
+
+
+class ScriptedIssuer:
+    """An Issuer stand-in (``Broker(issuer=...)`` is the injection seam): raises what it is given."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def issue(self, principal: str, clusters: dict[str, str], lifetime: int) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    (TicketError("a clock skew", code="clock_skew"), "clock_skew"),
+    (TicketError("the broker's TGT was refused", code="broker_ticket"), "broker_ticket"),
+    (KdcUnreachableError("down"), "kdc_unreachable"),
+    (CredentialsRejectedError("the broker's key"), "credentials_rejected"),
+])
+def test_kdc_outages_are_503_the_notebook_may_retry(bsb: BrokerSandbox, tmp_path: Path,
+                                                    error: Exception, reason: str) -> None:
+    issuer: Any = ScriptedIssuer(error)  # duck-typed Issuer
+    broker = Broker(load_broker_settings(_variant(bsb, tmp_path)), issuer=issuer)
+    assert outcomes(bsb, broker, [(creds(bsb), "127.0.0.1")]) == [f"503 {reason}"]
+    assert read_records(tmp_path / "audit.jsonl")[0]["reason"] == reason

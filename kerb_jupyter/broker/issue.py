@@ -175,12 +175,6 @@ class Refusal:
         return {"reason": self.reason, "message": self.message}
 
 
-class DelegationRefused(TicketError):
-    """Kept for callers of an earlier version: issuing no longer raises it (see ``Issued.refused``)."""
-
-    code = "delegation_not_allowed"
-
-
 @dataclass(frozen=True)
 class Issued:
     principal: str
@@ -231,15 +225,7 @@ class Issuer:
                 refusal = self._refusal(err, principal, None)
                 return Issued(principal, build_cache(principal, []), {}, timings, dict.fromkeys(spns, refusal))
             timings["s4u2self"] = time.perf_counter() - t0
-            refused: dict[str, Refusal] = {}
-            for cluster, spn in spns.items():
-                t1 = time.perf_counter()
-                try:
-                    gssapi.SecurityContext(name=gssapi.Name(spn, gssapi.NameType.kerberos_principal), creds=imp,
-                                           usage="initiate", lifetime=lifetime).step()
-                except GSSError as err:
-                    refused[cluster] = self._refusal(err, principal, spn)
-                timings[f"proxy:{cluster}"] = time.perf_counter() - t1
+            refused = self._proxies(imp, principal, spns, lifetime, timings)
             # MIT keeps the evidence and proxy tickets with the impersonated credential: store it to read them.
             imp.store(store={b"ccache": user_cc[1]}, overwrite=True)
             if _forwardable(user_cc[0], principal, self.service_principal):
@@ -253,6 +239,20 @@ class Issuer:
                     krb5.cc_destroy(ctx, c)
                 except krb5.Krb5Error:
                     pass
+
+    def _proxies(self, imp: gssapi.Credentials, principal: str, spns: dict[str, str], lifetime: int,
+                 timings: dict[str, float]) -> dict[str, Refusal]:
+        """S4U2Proxy to each SPN in turn, a refusal of one not stopping the others; returns the refusals."""
+        refused: dict[str, Refusal] = {}
+        for cluster, spn in spns.items():
+            t1 = time.perf_counter()
+            try:
+                gssapi.SecurityContext(name=gssapi.Name(spn, gssapi.NameType.kerberos_principal), creds=imp,
+                                       usage="initiate", lifetime=lifetime).step()
+            except GSSError as err:
+                refused[cluster] = self._refusal(err, principal, spn)
+            timings[f"proxy:{cluster}"] = time.perf_counter() - t1
+        return refused
 
     def _memory_cache(self, ctx: krb5.Context) -> tuple[krb5.CCache, bytes]:
         with self._lock:
@@ -437,5 +437,5 @@ def _default_realm() -> str:
                           code="invalid_request") from None
 
 
-__all__ = ["KDC_ERRORS", "DelegationRefused", "Issued", "Issuer", "Refusal", "encode_principal", "kdc_error",
+__all__ = ["KDC_ERRORS", "Issued", "Issuer", "Refusal", "encode_principal", "kdc_error",
            "qualify", "refusal_message", "rewrite_creds", "spn_key"]
