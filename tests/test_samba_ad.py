@@ -98,13 +98,14 @@ def test_ldaps_verifies_against_the_sandbox_ca_and_groups_nest(ad):
         flags = {}
         for user in PLAN.users:
             conn.search(dc.base_dn, f"(sAMAccountName={user.name})",
-                        attributes=["userAccountControl", "userPrincipalName", "memberOf"])
+                        attributes=["userAccountControl", "userPrincipalName", "mail"])
             entry = conn.entries[0]
             flags[user.name] = int(entry.userAccountControl.value)
             assert entry.userPrincipalName.value == dc.upn(user.name)
+            assert entry.mail.value == PLAN.email(user.name)
         assert flags["sensitive"] & UF_NOT_DELEGATED and not flags["alice"] & UF_NOT_DELEGATED
         assert flags["disabled"] & UF_ACCOUNTDISABLE and not flags["alice"] & UF_ACCOUNTDISABLE
-        assert dc.upn("carol") == "carol.smith@corp.example.com"
+        assert dc.upn("carol") == "carol.smith@corp.example.com" and PLAN.email("carol") == "carol.smith@example.com"
         # alice is in DataSci only; DataSci is in Analysts: memberOf says DataSci, the in-chain rule says both.
         conn.search(dc.base_dn, "(sAMAccountName=alice)", attributes=["memberOf"])
         assert [g.lower() for g in conn.entries[0].memberOf.values] == [dc.group_dn("DataSci").lower()]
