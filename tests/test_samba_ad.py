@@ -64,7 +64,12 @@ def test_the_dc_listens_on_its_own_loopback_address_only(ad):
         for proto in ("tcp", "udp"):
             assert not listeners.get((proto, port), set()) & wildcard, f"something listens on *:{port}/{proto}"
     assert dc.address.startswith("127.") and dc.address != "127.0.0.1"
-    assert "/etc/" not in dc.smb_conf.read_text()  # its own paths only: never the machine's configuration
+    # Every path Samba uses (pid file, sockets, state) is the sandbox's own: two DCs at once do not collide.
+    effective = dc.run(["testparm", "-sv", str(dc.smb_conf)]).stdout
+    settings = [tuple(x.strip() for x in line.split("=", 1)) for line in effective.splitlines() if "=" in line]
+    paths = {k: v for k, v in settings if v.startswith("/") and not k.endswith("command") and not k.startswith(
+        "template")}  # programs it would run (not in our services) and templates for winbind users
+    assert len(paths) > 10 and all(v.startswith(str(dc.root)) for v in paths.values()), paths
 
 
 def _listeners() -> dict[tuple[str, int], set[str]]:
@@ -126,6 +131,27 @@ def test_ldaps_with_the_wrong_ca_is_refused(ad, tmp_path):
     conn = ldap3.Connection(server, user=f"{PLAN.ldap_reader}@{dc.dns_domain}", password="not-the-password")
     with pytest.raises(ldap3.core.exceptions.LDAPSocketOpenError, match="CERTIFICATE_VERIFY_FAILED"):
         conn.open()
+
+
+def test_the_broker_account_delegates_as_planned(ad, tmp_path):
+    """S4U2Self + S4U2Proxy with MIT's kvno from the broker's keytab: the plan's delegation, as the KDC enforces it."""
+    dc = ad.ad
+    env = {"KRB5CCNAME": f"FILE:{tmp_path / 'broker-cc'}"}
+    assert dc.run(["kinit", "-k", "-t", str(dc.keytab(PLAN.broker)), PLAN.broker], env=env).returncode == 0
+
+    def s4u(user: str, cluster: str) -> str:
+        out = dc.run(["kvno", "-U", user, "-P", dc.spn(cluster)], env=env)
+        return "ok" if out.returncode == 0 else out.stderr.strip()
+
+    for cluster in PLAN.clusters:
+        refused = s4u("alice", cluster)
+        assert (refused == "ok") == (cluster in PLAN.delegated), (cluster, refused)
+        assert refused == "ok" or "constrained delegation failed" in refused
+    assert "constrained delegation failed" in s4u("sensitive", PLAN.delegated[0])  # NOT_DELEGATED
+    assert "KDC policy rejects request" in s4u("disabled", PLAN.delegated[0])  # Samba: a policy error, not REVOKED
+    # Samba 4.17 finds carol for S4U2Self by her UPN only; her sAMAccountName form is "not found".
+    assert s4u(dc.upn("carol"), PLAN.delegated[0]) == "ok"
+    assert "not found in Kerberos database" in s4u("carol", PLAN.delegated[0])
 
 
 # -- the keytab source and the keeper -------------------------------------------------------------------------

@@ -156,6 +156,9 @@ class SambaAD:
     def _start(self) -> None:
         if alive(self.proc):
             return
+        if os.geteuid() != 0:
+            raise SandboxError("the Samba AD DC runs as root (it binds ports 88, 389, 464 and 636): run the AD "
+                               "sandbox and its tests as root")
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
         self.secrets.mkdir(mode=0o700, exist_ok=True)
@@ -352,6 +355,7 @@ class SambaAD:
 
     def _write_configs(self) -> None:
         p, tls = self.provision_dir, self.private / "tls"
+        (p / "run").mkdir(exist_ok=True)  # never /run/samba: another DC (another sandbox) may be using it
         self.smb_conf.write_text(f"""# kerb_jupyter sandbox: a Samba AD DC on {self.address} only (no DNS, SMB, RPC)
 [global]
     netbios name = {self.host_name.upper()}
@@ -367,6 +371,12 @@ class SambaAD:
     state directory = {p / "state"}
     cache directory = {p / "cache"}
     binddns dir = {p / "bind-dns"}
+    pid directory = {p / "run"}
+    ncalrpc dir = {p / "run" / "ncalrpc"}
+    winbindd socket directory = {p / "run" / "winbindd"}
+    ntp signd socket directory = {p / "run" / "ntp_signd"}
+    usershare path = {p / "usershares"}
+    smb passwd file = {p / "private" / "smbpasswd"}
     log file = {self.log_file}
     log level = 1
     tls enabled = yes
