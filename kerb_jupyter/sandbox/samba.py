@@ -223,7 +223,8 @@ class SambaAD:
         deadline = time.monotonic() + 5
         while _group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        _signal_group(proc.pid, signal.SIGKILL)
+        if _group_alive(proc.pid):
+            _signal_group(proc.pid, signal.SIGKILL)
 
     def destroy(self) -> None:
         self.stop()
