@@ -90,6 +90,31 @@ def _listeners() -> dict[tuple[str, int], set[str]]:
     return found
 
 
+def test_a_second_dc_on_a_taken_address_fails_at_once_and_says_why(ad, tmp_path):
+    from kerb_jupyter.errors import SandboxError
+    from kerb_jupyter.sandbox.samba import SambaAD
+
+    started = time.monotonic()
+    with pytest.raises(SandboxError, match=f"{ad.ad.address} already has a listener"):
+        SambaAD(tmp_path / "second", address=ad.ad.address).start()
+    assert time.monotonic() - started < 5  # before provisioning, not after it
+    assert ad.ad.running
+
+
+def test_samba_tool_errors_carry_its_words_and_no_password(ad):
+    from kerb_jupyter.errors import SandboxError
+
+    dc = ad.ad
+    with pytest.raises(SandboxError, match="samba-tool user show failed") as err:
+        dc.samba_tool("user", "show", "no-such-user")
+    assert "Unable to find user" in str(err.value)
+    before = dc.password("bob")
+    with pytest.raises(SandboxError, match="samba-tool user create failed") as err:
+        dc.add_user("bob", password="Chosen-Secret-123")  # bob exists: samba-tool refuses ...
+    assert "Chosen-Secret-123" not in str(err.value)  # ... the password it was given appears nowhere ...
+    assert dc.password("bob") == before  # ... and bob's recorded password is still his
+
+
 def test_ldaps_verifies_against_the_sandbox_ca_and_groups_nest(ad):
     dc = ad.ad
     conn = ldap_connection(ad)

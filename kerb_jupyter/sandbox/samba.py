@@ -159,6 +159,9 @@ class SambaAD:
         if os.geteuid() != 0:
             raise SandboxError("the Samba AD DC runs as root (it binds ports 88, 389, 464 and 636): run the AD "
                                "sandbox and its tests as root")
+        if not all(port_is_free(port, self.address) for port in DC_PORTS):  # before ~30 s of provisioning
+            raise SandboxError(f"{self.address} already has a listener on one of the DC's ports {DC_PORTS}: "
+                               "is another sandbox using this address? Choose another (address=...)")
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
         self.secrets.mkdir(mode=0o700, exist_ok=True)
@@ -183,15 +186,12 @@ class SambaAD:
         empty = self.root / "provision.conf"
         empty.write_text("")
         self.provision_dir.mkdir(exist_ok=True)
-        admin = secrets.token_urlsafe(18) + "-Aa1"
+        admin = _new_password()
         self._tool_batch([["domain", "provision", f"--targetdir={self.provision_dir}", f"--realm={self.realm}",
                            f"--domain={self.domain}", "--server-role=dc", "--dns-backend=NONE",
                            f"--host-name={self.host_name}", "--adminpass", admin]], config=empty)
 
     def _run_samba(self) -> None:
-        if not all(port_is_free(port, self.address) for port in DC_PORTS):
-            raise SandboxError(f"{self.address} already has a listener on one of the DC's ports {DC_PORTS}: "
-                               "is another sandbox using this address? Choose another (address=...)")
         samba = find_binary("samba", SAMBA_PACKAGES)
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen([samba, "-i", "-s", str(self.smb_conf), "--debug-stdout"],
@@ -247,7 +247,9 @@ class SambaAD:
 
     def add_user(self, name: str, password: str | None = None, *, upn: str | None = None) -> str:
         """Create a user (a random password unless given; kept in ``password_file(name)``); its principal."""
+        password = password or _new_password()
         self._tool_batch(self._user_commands(name, password, upn))
+        self._save_password(name, password)  # only once the account exists (a refused create keeps the old file)
         return self.principal(name)
 
     def add_group(self, name: str) -> None:
@@ -282,10 +284,13 @@ class SambaAD:
     def populate(self) -> None:
         """Create every account, group, SPN, delegation and keytab of ``self.plan`` (one samba-tool process)."""
         plan = self.plan
+        passwords = {name: _new_password() for name in [*(u.name for u in plan.users), plan.broker, plan.ldap_reader,
+                                                         *map(plan.service_account, plan.clusters)]}
         cmds: list[list[str]] = [["group", "add", g] for g in plan.groups]
         for user in plan.users:
-            cmds += self._user_commands(user.name, None, user.upn)
-        cmds += [c for name in (plan.broker, plan.ldap_reader) for c in self._user_commands(name, None, None)]
+            cmds += self._user_commands(user.name, passwords[user.name], user.upn)
+        for name in (plan.broker, plan.ldap_reader):
+            cmds += self._user_commands(name, passwords[name], None)
         for group, members in plan.groups.items():
             users = [u.name for u in plan.users if group in u.groups]
             if members or users:
@@ -295,7 +300,7 @@ class SambaAD:
                 cmds.append(["user", "sensitive", user.name, "on"])
         for cluster in plan.clusters:
             account, spn = plan.service_account(cluster), self.spn(cluster).split("@")[0]
-            cmds += self._user_commands(account, None, None)
+            cmds += self._user_commands(account, passwords[account], None)
             cmds.append(["spn", "add", spn, account])
             cmds.append(["domain", "exportkeytab", str(self.keytab(spn)), f"--principal={spn}"])
         cmds.append(["spn", "add", f"HTTP/{plan.broker}.{self.dns_domain}", plan.broker])
@@ -305,15 +310,18 @@ class SambaAD:
             cmds.append(["domain", "exportkeytab", str(self.keytab(name)), f"--principal={name}"])
         cmds += [["user", "disable", u.name] for u in plan.users if u.disabled]  # after its keytab was exported
         self._tool_batch(cmds)
+        for name, password in passwords.items():
+            self._save_password(name, password)
         for path in self.secrets.iterdir():
             path.chmod(0o600)
 
-    def _user_commands(self, name: str, password: str | None, upn: str | None) -> list[list[str]]:
-        password = password or secrets.token_urlsafe(18) + "-Aa1"  # meets AD's complexity rule
+    def _save_password(self, name: str, password: str) -> None:
         pw_file = self.password_file(name)
         pw_file.unlink(missing_ok=True)
         pw_file.touch(0o600)
         pw_file.write_text(password)
+
+    def _user_commands(self, name: str, password: str, upn: str | None) -> list[list[str]]:
         create = ["user", "create", name, password]
         if name in self.plan.user_index:
             create.append(f"--mail-address={self.plan.email(name)}")
@@ -439,6 +447,10 @@ class SambaAD:
         for name in ("ca.key", "key.pem"):
             (tls / name).chmod(0o600)
         (tls / "ca.pem").chmod(0o644)
+
+
+def _new_password() -> str:
+    return secrets.token_urlsafe(18) + "-Aa1"  # random, and meets AD's complexity rule (three character classes)
 
 
 def _free_block() -> str:
