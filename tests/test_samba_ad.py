@@ -1,8 +1,8 @@
 """Against a real Active Directory (a Samba 4.17 AD DC): the sandbox itself, the keytab source and the keeper,
 %%kerbsql into PostgreSQL whose service keytab AD exported, krb5-conf's AES-only output, refusals, doctor.
 
-One DC per session (``ad_sandbox`` in conftest.py): the first test here pays for provisioning it (~1-2 min on a
-busy 2-core machine), hence the module's longer per-test timeout.
+One DC per session (``ad_sandbox`` in conftest.py): the first test here pays for provisioning it (15 s idle,
+~30-100 s on a busy 2-core machine), hence the module's longer per-test timeout.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from kerb_jupyter.keeper import TicketKeeper
 from kerb_jupyter.sandbox.samba import PLAN
 from kerb_jupyter.sources import KeytabSource
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = pytest.mark.timeout(300)
 
 GSS_PROOF = "SELECT gss_authenticated, principal, encrypted FROM pg_stat_gssapi WHERE pid = pg_backend_pid()"
 UF_ACCOUNTDISABLE = 0x2

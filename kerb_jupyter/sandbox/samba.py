@@ -1,6 +1,6 @@
 """A throwaway Active Directory domain (Samba 4.17 AD DC) on a private loopback address, for the demo and tests.
 
-    with SambaAD(tmpdir) as ad:   # provision + start + PLAN's accounts: 40-100 s on a busy 2-core machine
+    with SambaAD(tmpdir) as ad:   # provision + start + PLAN's accounts: 15 s idle, up to ~100 s on a busy machine
         ...
 
 The API (everything else is private):
