@@ -37,7 +37,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
 @pytest.fixture(scope="session")
 def ad_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ADSandbox]:
     """A real Samba AD DC (users, groups, delegation and keytabs from ``kerb_jupyter.sandbox.samba.PLAN``) and one
-    PostgreSQL cluster per planned cluster, started once per session (~1-2 min: provisioning is most of it).
+    PostgreSQL cluster per planned cluster, started once per session (15-100 s: provisioning is most of it).
     Tests that use it set KRB5_CONFIG themselves (``ad_sandbox.env``); nothing here changes the environment."""
     sb = ADSandbox(tmp_path_factory.mktemp("adsandbox"))
     sb.start()  # a DC that cannot start raises SandboxError with samba's own log lines

@@ -1,8 +1,8 @@
 """Against a real Active Directory (a Samba 4.17 AD DC): the sandbox itself, the keytab source and the keeper,
 %%kerbsql into PostgreSQL whose service keytab AD exported, krb5-conf's AES-only output, refusals, doctor.
 
-One DC per session (``ad_sandbox`` in conftest.py): the first test here pays for provisioning it (~1-2 min on a
-busy 2-core machine), hence the module's longer per-test timeout.
+One DC per session (``ad_sandbox`` in conftest.py): the first test here pays for provisioning it (15 s idle,
+~30-100 s on a busy 2-core machine), hence the module's longer per-test timeout.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from kerb_jupyter.keeper import TicketKeeper
 from kerb_jupyter.sandbox.samba import PLAN
 from kerb_jupyter.sources import KeytabSource
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = pytest.mark.timeout(300)
 
 GSS_PROOF = "SELECT gss_authenticated, principal, encrypted FROM pg_stat_gssapi WHERE pid = pg_backend_pid()"
 UF_ACCOUNTDISABLE = 0x2
@@ -64,7 +64,12 @@ def test_the_dc_listens_on_its_own_loopback_address_only(ad):
         for proto in ("tcp", "udp"):
             assert not listeners.get((proto, port), set()) & wildcard, f"something listens on *:{port}/{proto}"
     assert dc.address.startswith("127.") and dc.address != "127.0.0.1"
-    assert "/etc/" not in dc.smb_conf.read_text()  # its own paths only: never the machine's configuration
+    # Every path Samba uses (pid file, sockets, state) is the sandbox's own: two DCs at once do not collide.
+    effective = dc.run(["testparm", "-sv", str(dc.smb_conf)]).stdout
+    settings = [tuple(x.strip() for x in line.split("=", 1)) for line in effective.splitlines() if "=" in line]
+    paths = {k: v for k, v in settings if v.startswith("/") and not k.endswith("command") and not k.startswith(
+        "template")}  # programs it would run (not in our services) and templates for winbind users
+    assert len(paths) > 10 and all(v.startswith(str(dc.root)) for v in paths.values()), paths
 
 
 def _listeners() -> dict[tuple[str, int], set[str]]:
@@ -85,6 +90,31 @@ def _listeners() -> dict[tuple[str, int], set[str]]:
     return found
 
 
+def test_a_second_dc_on_a_taken_address_fails_at_once_and_says_why(ad, tmp_path):
+    from kerb_jupyter.errors import SandboxError
+    from kerb_jupyter.sandbox.samba import SambaAD
+
+    started = time.monotonic()
+    with pytest.raises(SandboxError, match=f"{ad.ad.address} already has a listener"):
+        SambaAD(tmp_path / "second", address=ad.ad.address).start()
+    assert time.monotonic() - started < 5  # before provisioning, not after it
+    assert ad.ad.running
+
+
+def test_samba_tool_errors_carry_its_words_and_no_password(ad):
+    from kerb_jupyter.errors import SandboxError
+
+    dc = ad.ad
+    with pytest.raises(SandboxError, match="samba-tool user show failed") as err:
+        dc.samba_tool("user", "show", "no-such-user")
+    assert "Unable to find user" in str(err.value)
+    before = dc.password("bob")
+    with pytest.raises(SandboxError, match="samba-tool user create failed") as err:
+        dc.add_user("bob", password="Chosen-Secret-123")  # bob exists: samba-tool refuses ...
+    assert "Chosen-Secret-123" not in str(err.value)  # ... the password it was given appears nowhere ...
+    assert dc.password("bob") == before  # ... and bob's recorded password is still his
+
+
 def test_ldaps_verifies_against_the_sandbox_ca_and_groups_nest(ad):
     dc = ad.ad
     conn = ldap_connection(ad)
@@ -98,13 +128,14 @@ def test_ldaps_verifies_against_the_sandbox_ca_and_groups_nest(ad):
         flags = {}
         for user in PLAN.users:
             conn.search(dc.base_dn, f"(sAMAccountName={user.name})",
-                        attributes=["userAccountControl", "userPrincipalName", "memberOf"])
+                        attributes=["userAccountControl", "userPrincipalName", "mail"])
             entry = conn.entries[0]
             flags[user.name] = int(entry.userAccountControl.value)
             assert entry.userPrincipalName.value == dc.upn(user.name)
+            assert entry.mail.value == PLAN.email(user.name)
         assert flags["sensitive"] & UF_NOT_DELEGATED and not flags["alice"] & UF_NOT_DELEGATED
         assert flags["disabled"] & UF_ACCOUNTDISABLE and not flags["alice"] & UF_ACCOUNTDISABLE
-        assert dc.upn("carol") == "carol.smith@corp.example.com"
+        assert dc.upn("carol") == "carol.smith@corp.example.com" and PLAN.email("carol") == "carol.smith@example.com"
         # alice is in DataSci only; DataSci is in Analysts: memberOf says DataSci, the in-chain rule says both.
         conn.search(dc.base_dn, "(sAMAccountName=alice)", attributes=["memberOf"])
         assert [g.lower() for g in conn.entries[0].memberOf.values] == [dc.group_dn("DataSci").lower()]
@@ -125,6 +156,27 @@ def test_ldaps_with_the_wrong_ca_is_refused(ad, tmp_path):
     conn = ldap3.Connection(server, user=f"{PLAN.ldap_reader}@{dc.dns_domain}", password="not-the-password")
     with pytest.raises(ldap3.core.exceptions.LDAPSocketOpenError, match="CERTIFICATE_VERIFY_FAILED"):
         conn.open()
+
+
+def test_the_broker_account_delegates_as_planned(ad, tmp_path):
+    """S4U2Self + S4U2Proxy with MIT's kvno from the broker's keytab: the plan's delegation, as the KDC enforces it."""
+    dc = ad.ad
+    env = {"KRB5CCNAME": f"FILE:{tmp_path / 'broker-cc'}"}
+    assert dc.run(["kinit", "-k", "-t", str(dc.keytab(PLAN.broker)), PLAN.broker], env=env).returncode == 0
+
+    def s4u(user: str, cluster: str) -> str:
+        out = dc.run(["kvno", "-U", user, "-P", dc.spn(cluster)], env=env)
+        return "ok" if out.returncode == 0 else out.stderr.strip()
+
+    for cluster in PLAN.clusters:
+        refused = s4u("alice", cluster)
+        assert (refused == "ok") == (cluster in PLAN.delegated), (cluster, refused)
+        assert refused == "ok" or "constrained delegation failed" in refused
+    assert "constrained delegation failed" in s4u("sensitive", PLAN.delegated[0])  # NOT_DELEGATED
+    assert "KDC policy rejects request" in s4u("disabled", PLAN.delegated[0])  # Samba: a policy error, not REVOKED
+    # Samba 4.17 finds carol for S4U2Self by her UPN only; her sAMAccountName form is "not found".
+    assert s4u(dc.upn("carol"), PLAN.delegated[0]) == "ok"
+    assert "not found in Kerberos database" in s4u("carol", PLAN.delegated[0])
 
 
 # -- the keytab source and the keeper -------------------------------------------------------------------------

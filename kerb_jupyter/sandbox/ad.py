@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from . import DEMO_SQL, BaseSandbox, write_json
+from .adplan import PLAN, DirectoryPlan
 from .postgres import Postgres
-from .samba import PLAN, DirectoryPlan, SambaAD
+from .samba import SambaAD
 
 __all__ = ["ADSandbox"]
 

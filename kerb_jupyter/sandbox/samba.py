@@ -1,8 +1,22 @@
 """A throwaway Active Directory domain (Samba 4.17 AD DC) on a private loopback address, for the demo and tests.
 
-    with SambaAD(tmpdir) as ad:          # provisions (~15-35 s), starts ``samba -i``, creates PLAN's accounts
-        ad.krb5_conf, ad.kdc, ad.ldaps_url, ad.ca_cert
-        ad.keytab("alice"), ad.password("alice"), ad.spn("analytics")
+    with SambaAD(tmpdir) as ad:   # provision + start + PLAN's accounts: 15 s idle, up to ~100 s on a busy machine
+        ...
+
+The API (everything else is private):
+
+- names: ``realm`` (AD.KERB.TEST), ``domain`` (ADKERB), ``dns_domain``, ``base_dn``, ``dc_host`` (dc1.<dns domain>,
+  in the certificate, not resolvable), ``address`` (127.X.Y.1), ``kdc`` (address:88), ``ldap_url``, ``ldaps_url``,
+  ``ca_cert`` (``dc/private/tls/ca.pem``), ``krb5_conf`` (client configuration), ``env`` ({"KRB5_CONFIG": ...}),
+  ``plan`` (``PLAN`` by default);
+- per account: ``principal(name)``, ``upn(name)``, ``user_dn(name)``, ``group_dn(name)``, ``keytab(name)`` and
+  ``password(name)`` / ``password_file(name)`` (every planned user, the broker, ``kjldap``'s password; a cluster's
+  service keytab is ``keytab(spn(cluster))``), ``cluster_address(cluster)`` (127.X.Y.2, .3, ...), ``spn(cluster)``;
+- actions: ``start()`` / ``stop()`` / ``destroy()`` (also a context manager), ``samba_tool(*args)`` (raises
+  SandboxError with its output), ``add_user(name, password=None, *, upn=None)``, ``add_group(name)``,
+  ``add_members(group, *members)``, ``add_spn(account, spn)``, ``export_keytab(principal, path)``,
+  ``set_disabled(name, disabled=True)``, ``run(argv)`` (a command with this DC's KRB5_CONFIG; no namespace is
+  involved, any process on the machine can reach the DC).
 
 Design (measured on Debian 12, Samba 4.17.12):
 
@@ -22,10 +36,11 @@ Design (measured on Debian 12, Samba 4.17.12):
   168``: AWS Managed AD's defaults). It refuses to renew tickets of ~90 s or less; ask for >= 150 s from the client.
 - **One process tree, always stopped.** ``samba -i`` runs in its own session with stdin a pipe we hold: it exits on
   EOF, so even a killed test run takes the DC with it; ``stop()`` closes the pipe, then signals the group.
-- **Accounts from one plan.** ``PLAN`` lists every user, group, service account and cluster; ``populate()`` creates
-  them in one ``samba-tool`` process (passwords travel on its stdin, never on a command line). Other code reads
-  names from ``PLAN`` rather than hard-coding them. Service keytabs come from ``samba-tool domain exportkeytab``
-  and hold RC4 keys only (as exported by Samba); user keytabs hold AES256, AES128 and RC4.
+- **Accounts from one plan.** ``PLAN`` (``adplan.py``, whose docstring has the table) lists every user, group,
+  service account and cluster; ``populate()`` creates them in one ``samba-tool`` process (passwords travel on its
+  stdin, never on a command line). Other code reads names from ``PLAN`` rather than hard-coding them. Service
+  keytabs come from ``samba-tool domain exportkeytab`` and hold RC4 keys only (as exported by Samba; the tickets'
+  session keys are still AES); user keytabs hold AES256, AES128 and RC4.
 
 Passwords and keytabs live in ``root/secrets`` (0700 directory, 0600 files).
 """
@@ -40,80 +55,17 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SandboxError
+from .adplan import PLAN, DirectoryPlan, UserPlan
 from .procs import alive, find_binary, port_is_free, read_log, tail, wait_for_port
 
-__all__ = ["PLAN", "AccountPlan", "DirectoryPlan", "SambaAD", "UserPlan"]
+__all__ = ["PLAN", "DirectoryPlan", "SambaAD", "UserPlan"]
 
 SAMBA_PACKAGES = "samba samba-ad-dc samba-ad-provision winbind smbclient ldb-tools"
 SAMBA_TOOL_PYTHON = "/usr/bin/python3"  # samba-tool's own interpreter (the python3-samba bindings live there)
 DC_PORTS = (88, 389, 464, 636)
-
-
-@dataclass(frozen=True)
-class UserPlan:
-    """A person's account: ``name`` is the sAMAccountName; ``upn`` defaults to ``name@realm``."""
-
-    name: str
-    case: str  # what this user is there to test
-    groups: tuple[str, ...] = ()
-    upn: str | None = None
-    disabled: bool = False
-    sensitive: bool = False  # "account is sensitive and cannot be delegated" (UF_NOT_DELEGATED)
-
-
-@dataclass(frozen=True)
-class AccountPlan:
-    """A service account: PostgreSQL (one per cluster), the broker, the broker's LDAP bind account."""
-
-    name: str
-    purpose: str
-    spns: tuple[str, ...] = ()  # host part filled in by SambaAD (cluster addresses)
-
-
-@dataclass(frozen=True)
-class DirectoryPlan:
-    """Everything ``SambaAD.populate()`` creates. Group membership nests: ``groups[g]`` lists g's members."""
-
-    users: tuple[UserPlan, ...]
-    groups: dict[str, tuple[str, ...]]
-    clusters: tuple[str, ...]
-    delegated: tuple[str, ...]  # clusters in the broker's msDS-AllowedToDelegateTo
-    broker: str
-    ldap_reader: str
-    idp_domain: str = "example.com"  # the IdP's e-mail domain (AWS session names are name@idp_domain)
-    service_prefix: str = "pg-"  # PostgreSQL service account of cluster c: f"{service_prefix}{c}"
-    user_index: dict[str, UserPlan] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "user_index", {u.name: u for u in self.users})
-
-    def user(self, name: str) -> UserPlan:
-        return self.user_index[name]
-
-    def service_account(self, cluster: str) -> str:
-        return f"{self.service_prefix}{cluster}"
-
-
-PLAN = DirectoryPlan(
-    users=(
-        UserPlan("alice", "member of Analysts only through DataSci (nested groups)", groups=("DataSci",)),
-        UserPlan("bob", "member of Analysts directly", groups=("Analysts",)),
-        UserPlan("sensitive", "account is sensitive and cannot be delegated (NOT_DELEGATED)", groups=("Analysts",),
-                 sensitive=True),
-        UserPlan("disabled", "disabled account (ACCOUNTDISABLE)", groups=("Analysts",), disabled=True),
-        UserPlan("carol", "UPN suffix differs from the IdP's e-mail domain", groups=("Analysts",),
-                 upn="carol.smith@corp.example.com"),
-    ),
-    groups={"Analysts": ("DataSci",), "DataSci": ()},  # users join through UserPlan.groups
-    clusters=("analytics", "finance", "orders"),
-    delegated=("analytics", "finance"),
-    broker="kjbroker",  # TRUSTED_TO_AUTH_FOR_DELEGATION, msDS-AllowedToDelegateTo = delegated clusters' SPNs
-    ldap_reader="kjldap",  # a plain domain user the broker binds as (simple bind over LDAPS)
-)
 
 
 class SambaAD:
@@ -204,6 +156,12 @@ class SambaAD:
     def _start(self) -> None:
         if alive(self.proc):
             return
+        if os.geteuid() != 0:
+            raise SandboxError("the Samba AD DC runs as root (it binds ports 88, 389, 464 and 636): run the AD "
+                               "sandbox and its tests as root")
+        if not all(port_is_free(port, self.address) for port in DC_PORTS):  # before ~30 s of provisioning
+            raise SandboxError(f"{self.address} already has a listener on one of the DC's ports {DC_PORTS}: "
+                               "is another sandbox using this address? Choose another (address=...)")
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
         self.secrets.mkdir(mode=0o700, exist_ok=True)
@@ -228,15 +186,12 @@ class SambaAD:
         empty = self.root / "provision.conf"
         empty.write_text("")
         self.provision_dir.mkdir(exist_ok=True)
-        admin = secrets.token_urlsafe(18) + "-Aa1"
+        admin = _new_password()
         self._tool_batch([["domain", "provision", f"--targetdir={self.provision_dir}", f"--realm={self.realm}",
                            f"--domain={self.domain}", "--server-role=dc", "--dns-backend=NONE",
                            f"--host-name={self.host_name}", "--adminpass", admin]], config=empty)
 
     def _run_samba(self) -> None:
-        if not all(port_is_free(port, self.address) for port in DC_PORTS):
-            raise SandboxError(f"{self.address} already has a listener on one of the DC's ports {DC_PORTS}: "
-                               "is another sandbox using this address? Choose another (address=...)")
         samba = find_binary("samba", SAMBA_PACKAGES)
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen([samba, "-i", "-s", str(self.smb_conf), "--debug-stdout"],
@@ -268,7 +223,8 @@ class SambaAD:
         deadline = time.monotonic() + 5
         while _group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        _signal_group(proc.pid, signal.SIGKILL)
+        if _group_alive(proc.pid):
+            _signal_group(proc.pid, signal.SIGKILL)
 
     def destroy(self) -> None:
         self.stop()
@@ -291,7 +247,9 @@ class SambaAD:
 
     def add_user(self, name: str, password: str | None = None, *, upn: str | None = None) -> str:
         """Create a user (a random password unless given; kept in ``password_file(name)``); its principal."""
+        password = password or _new_password()
         self._tool_batch(self._user_commands(name, password, upn))
+        self._save_password(name, password)  # only once the account exists (a refused create keeps the old file)
         return self.principal(name)
 
     def add_group(self, name: str) -> None:
@@ -326,10 +284,13 @@ class SambaAD:
     def populate(self) -> None:
         """Create every account, group, SPN, delegation and keytab of ``self.plan`` (one samba-tool process)."""
         plan = self.plan
+        passwords = {name: _new_password() for name in [*(u.name for u in plan.users), plan.broker, plan.ldap_reader,
+                                                         *map(plan.service_account, plan.clusters)]}
         cmds: list[list[str]] = [["group", "add", g] for g in plan.groups]
         for user in plan.users:
-            cmds += self._user_commands(user.name, None, user.upn)
-        cmds += [c for name in (plan.broker, plan.ldap_reader) for c in self._user_commands(name, None, None)]
+            cmds += self._user_commands(user.name, passwords[user.name], user.upn)
+        for name in (plan.broker, plan.ldap_reader):
+            cmds += self._user_commands(name, passwords[name], None)
         for group, members in plan.groups.items():
             users = [u.name for u in plan.users if group in u.groups]
             if members or users:
@@ -339,7 +300,7 @@ class SambaAD:
                 cmds.append(["user", "sensitive", user.name, "on"])
         for cluster in plan.clusters:
             account, spn = plan.service_account(cluster), self.spn(cluster).split("@")[0]
-            cmds += self._user_commands(account, None, None)
+            cmds += self._user_commands(account, passwords[account], None)
             cmds.append(["spn", "add", spn, account])
             cmds.append(["domain", "exportkeytab", str(self.keytab(spn)), f"--principal={spn}"])
         cmds.append(["spn", "add", f"HTTP/{plan.broker}.{self.dns_domain}", plan.broker])
@@ -349,16 +310,22 @@ class SambaAD:
             cmds.append(["domain", "exportkeytab", str(self.keytab(name)), f"--principal={name}"])
         cmds += [["user", "disable", u.name] for u in plan.users if u.disabled]  # after its keytab was exported
         self._tool_batch(cmds)
+        for name, password in passwords.items():
+            self._save_password(name, password)
         for path in self.secrets.iterdir():
             path.chmod(0o600)
 
-    def _user_commands(self, name: str, password: str | None, upn: str | None) -> list[list[str]]:
-        password = password or secrets.token_urlsafe(18) + "-Aa1"  # meets AD's complexity rule
+    def _save_password(self, name: str, password: str) -> None:
         pw_file = self.password_file(name)
         pw_file.unlink(missing_ok=True)
         pw_file.touch(0o600)
         pw_file.write_text(password)
-        cmds = [["user", "create", name, password], ["user", "setexpiry", name, "--noexpiry"]]
+
+    def _user_commands(self, name: str, password: str, upn: str | None) -> list[list[str]]:
+        create = ["user", "create", name, password]
+        if name in self.plan.user_index:
+            create.append(f"--mail-address={self.plan.email(name)}")
+        cmds = [create, ["user", "setexpiry", name, "--noexpiry"]]
         if upn:
             cmds.append(["@ldbmodify", f"dn: {self.user_dn(name)}\nchangetype: modify\nreplace: userPrincipalName\n"
                                        f"userPrincipalName: {upn}\n"])
@@ -397,6 +364,7 @@ class SambaAD:
 
     def _write_configs(self) -> None:
         p, tls = self.provision_dir, self.private / "tls"
+        (p / "run").mkdir(exist_ok=True)  # never /run/samba: another DC (another sandbox) may be using it
         self.smb_conf.write_text(f"""# kerb_jupyter sandbox: a Samba AD DC on {self.address} only (no DNS, SMB, RPC)
 [global]
     netbios name = {self.host_name.upper()}
@@ -412,6 +380,12 @@ class SambaAD:
     state directory = {p / "state"}
     cache directory = {p / "cache"}
     binddns dir = {p / "bind-dns"}
+    pid directory = {p / "run"}
+    ncalrpc dir = {p / "run" / "ncalrpc"}
+    winbindd socket directory = {p / "run" / "winbindd"}
+    ntp signd socket directory = {p / "run" / "ntp_signd"}
+    usershare path = {p / "usershares"}
+    smb passwd file = {p / "private" / "smbpasswd"}
     log file = {self.log_file}
     log level = 1
     tls enabled = yes
@@ -473,6 +447,10 @@ class SambaAD:
         for name in ("ca.key", "key.pem"):
             (tls / name).chmod(0o600)
         (tls / "ca.pem").chmod(0o644)
+
+
+def _new_password() -> str:
+    return secrets.token_urlsafe(18) + "-Aa1"  # random, and meets AD's complexity rule (three character classes)
 
 
 def _free_block() -> str:
