@@ -450,7 +450,9 @@ class SambaAD:
 
 
 def _new_password() -> str:
-    return secrets.token_urlsafe(18) + "-Aa1"  # random, and meets AD's complexity rule (three character classes)
+    # Random, and meets AD's complexity rule (three character classes). It starts with a letter: samba-tool takes the
+    # password as a positional argument, and one starting with "-" (token_urlsafe can) is parsed as an option.
+    return "Aa1-" + secrets.token_urlsafe(18)
 
 
 def _free_block() -> str:
