@@ -136,11 +136,12 @@ def test_ldaps_verifies_against_the_sandbox_ca_and_groups_nest(ad):
         assert flags["sensitive"] & UF_NOT_DELEGATED and not flags["alice"] & UF_NOT_DELEGATED
         assert flags["disabled"] & UF_ACCOUNTDISABLE and not flags["alice"] & UF_ACCOUNTDISABLE
         assert dc.upn("carol") == "carol.smith@corp.example.com" and PLAN.email("carol") == "carol.smith@example.com"
-        # alice is in DataSci only; DataSci is in Analysts: memberOf says DataSci, the in-chain rule says both.
+        # alice is in DataSci only; DataSci is in Analysts, Analysts in AllStaff: memberOf says DataSci, the
+        # in-chain rule says all three.
         conn.search(dc.base_dn, "(sAMAccountName=alice)", attributes=["memberOf"])
         assert [g.lower() for g in conn.entries[0].memberOf.values] == [dc.group_dn("DataSci").lower()]
         conn.search(dc.base_dn, f"(member:1.2.840.113556.1.4.1941:={dc.user_dn('alice')})", attributes=["cn"])
-        assert sorted(e.cn.value for e in conn.entries) == ["Analysts", "DataSci"]
+        assert sorted(e.cn.value for e in conn.entries) == ["AllStaff", "Analysts", "DataSci"]
     finally:
         conn.unbind()
 

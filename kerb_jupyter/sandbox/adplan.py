@@ -4,7 +4,7 @@
 ``PLAN.user("carol").upn``, ``PLAN.delegated``) instead of hard-coding them.
 
     user       what it is there for                                 groups                 flags
-    alice      member of Analysts only through DataSci (nesting)    DataSci (in Analysts)
+    alice      member of Analysts only through DataSci (nesting)    DataSci (in Analysts, in AllStaff)
     bob        member of Analysts directly                          Analysts
     sensitive  "sensitive and cannot be delegated"                   Analysts               NOT_DELEGATED
     disabled   a disabled account                                   Analysts               ACCOUNTDISABLE
@@ -77,7 +77,8 @@ PLAN = DirectoryPlan(
         UserPlan("carol", "UPN suffix differs from the IdP's e-mail domain", groups=("Analysts",),
                  upn="carol.smith@corp.example.com", email="carol.smith@example.com"),
     ),
-    groups={"Analysts": ("DataSci",), "DataSci": ()},  # users join through UserPlan.groups
+    # alice -> DataSci -> Analysts -> AllStaff: two levels of nesting. Users join through UserPlan.groups.
+    groups={"AllStaff": ("Analysts",), "Analysts": ("DataSci",), "DataSci": ()},
     clusters=("analytics", "finance", "orders"),
     delegated=("analytics", "finance"),
     broker="kjbroker",  # TRUSTED_TO_AUTH_FOR_DELEGATION, msDS-AllowedToDelegateTo = delegated clusters' SPNs
