@@ -12,7 +12,9 @@ import krb5
 import pytest
 
 from kerb_jupyter import tickets
-from kerb_jupyter.broker.issue import KDC_ERRORS, OUTAGES, Issuer, kdc_error, rewrite_creds, spn_key
+from kerb_jupyter.broker.ccache import rewrite_creds
+from kerb_jupyter.broker.issue import Issuer, spn_key
+from kerb_jupyter.broker.kdcerrors import KDC_ERRORS, OUTAGES, kdc_error
 from kerb_jupyter.errors import CredentialsRejectedError, IdentityError, KdcUnreachableError, TicketError
 from kerb_jupyter.sandbox.ldap import LdapRealm
 from kerb_jupyter.sandbox.realm import Realm

@@ -213,7 +213,7 @@ def test_the_kdc_down_for_the_broker(notebook: BrokerSandbox, tmp_path: Path) ->
 
 
 def test_read_cache_refuses_an_empty_service_cache(tmp_path: Path) -> None:
-    from kerb_jupyter.broker.issue import encode_principal
+    from kerb_jupyter.broker.ccache import encode_principal
 
     path = tmp_path / "cc"
     path.write_bytes(b"\x05\x04\x00\x00" + encode_principal("alice@KERB.TEST"))

@@ -164,3 +164,20 @@ def tail(text: str, lines: int = 12) -> str:
     """The last lines of a daemon's output, for error messages."""
     kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
     return " | ".join(kept) if kept else "(no output)"
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to a process group that may already be gone."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group ``pgid`` is left."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

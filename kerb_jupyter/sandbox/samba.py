@@ -59,7 +59,8 @@ from pathlib import Path
 
 from ..errors import SandboxError
 from .adplan import PLAN, DirectoryPlan, UserPlan
-from .procs import alive, find_binary, port_is_free, read_log, tail, wait_for_port
+from .procs import alive, find_binary, group_alive, port_is_free, read_log, signal_group, tail, wait_for_port
+from .sambafiles import BATCH, krb5_conf, scrub, smb_conf, write_tls
 
 __all__ = ["PLAN", "DirectoryPlan", "SambaAD", "UserPlan"]
 
@@ -213,18 +214,18 @@ class SambaAD:
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
                 proc.wait(5)
         # Workers can outlive the parent by a moment; none may outlive stop().
         deadline = time.monotonic() + 5
-        while _group_alive(proc.pid) and time.monotonic() < deadline:
+        while group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _group_alive(proc.pid):
-            _signal_group(proc.pid, signal.SIGKILL)
+        if group_alive(proc.pid):
+            signal_group(proc.pid, signal.SIGKILL)
 
     def destroy(self) -> None:
         self.stop()
@@ -337,13 +338,13 @@ class SambaAD:
         Raises SandboxError naming the failed command (subcommand only) and its output."""
         conf = str(config or self.smb_conf)
         doc = json.dumps({"config": conf, "sam": str(self.private / "sam.ldb"), "commands": commands})
-        res = subprocess.run([SAMBA_TOOL_PYTHON, "-c", _BATCH], input=doc, capture_output=True, text=True,
+        res = subprocess.run([SAMBA_TOOL_PYTHON, "-c", BATCH], input=doc, capture_output=True, text=True,
                              env=self._tool_env(), cwd=self.root, check=False, timeout=600)
         out = res.stdout + res.stderr
         if res.returncode != 0:
             failed = next((line for line in out.splitlines() if line.startswith("@@FAILED")), "@@FAILED ?")
             raise SandboxError(f"samba-tool {failed.removeprefix('@@FAILED ')} failed: "
-                               f"{tail(_scrub(out, commands))}")
+                               f"{tail(scrub(out, commands))}")
         return "\n".join(line for line in out.splitlines() if not line.startswith("@@"))
 
     def _tool_env(self) -> dict[str, str]:
@@ -363,90 +364,13 @@ class SambaAD:
         return ".".join([*self.address.split(".")[:3], str(last)])
 
     def _write_configs(self) -> None:
-        p, tls = self.provision_dir, self.private / "tls"
-        (p / "run").mkdir(exist_ok=True)  # never /run/samba: another DC (another sandbox) may be using it
-        self.smb_conf.write_text(f"""# kerb_jupyter sandbox: a Samba AD DC on {self.address} only (no DNS, SMB, RPC)
-[global]
-    netbios name = {self.host_name.upper()}
-    workgroup = {self.domain}
-    realm = {self.realm}
-    server role = active directory domain controller
-    server services = ldap, kdc
-    interfaces = {self.address}/8
-    bind interfaces only = yes
-    prefork children = 2
-    private dir = {self.private}
-    lock directory = {p}
-    state directory = {p / "state"}
-    cache directory = {p / "cache"}
-    binddns dir = {p / "bind-dns"}
-    pid directory = {p / "run"}
-    ncalrpc dir = {p / "run" / "ncalrpc"}
-    winbindd socket directory = {p / "run" / "winbindd"}
-    ntp signd socket directory = {p / "run" / "ntp_signd"}
-    usershare path = {p / "usershares"}
-    smb passwd file = {p / "private" / "smbpasswd"}
-    log file = {self.log_file}
-    log level = 1
-    tls enabled = yes
-    tls keyfile = {tls / "key.pem"}
-    tls certfile = {tls / "cert.pem"}
-    tls cafile = {tls / "ca.pem"}
-    kdc:user ticket lifetime = 10
-    kdc:service ticket lifetime = 10
-    kdc:renewal lifetime = 168
-""")
-        hosts = "".join(f"    {self.cluster_address(c)} = {self.realm}\n" for c in self.plan.clusters)
-        self.krb5_conf.write_text(f"""[libdefaults]
-    default_realm = {self.realm}
-    dns_lookup_kdc = false
-    dns_lookup_realm = false
-    dns_canonicalize_hostname = false
-    rdns = false
-    udp_preference_limit = 1
-    forwardable = true
-    renew_lifetime = 7d
-    ticket_lifetime = 10h
-
-[realms]
-    {self.realm} = {{
-        kdc = {self.address}
-        admin_server = {self.address}
-        kpasswd_server = {self.address}
-    }}
-
-[domain_realm]
-    .{self.dns_domain} = {self.realm}
-    {self.dns_domain} = {self.realm}
-    localhost = {self.realm}
-{hosts}""")
+        (self.provision_dir / "run").mkdir(exist_ok=True)  # never /run/samba: another DC may be using it
+        self.smb_conf.write_text(smb_conf(self))
+        self.krb5_conf.write_text(krb5_conf(self.realm, self.address, self.dns_domain,
+                                            [self.cluster_address(c) for c in self.plan.clusters]))
 
     def _write_tls(self) -> None:
-        """A CA and a server certificate whose subjectAltName has the DC's name and address (first start only)."""
-        tls = self.private / "tls"
-        if (tls / "cert.pem").exists():
-            return
-        tls.mkdir(mode=0o700, parents=True, exist_ok=True)
-        openssl = find_binary("openssl", "openssl")
-        days = "3650"
-        steps = [
-            [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-             "-days", days, "-subj", f"/O=kerb_jupyter sandbox/CN={self.realm} sandbox CA",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-            [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "req.pem",
-             "-subj", f"/O=kerb_jupyter sandbox/CN={self.dc_host}"],
-            [openssl, "x509", "-req", "-in", "req.pem", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "cert.pem", "-days", days, "-extfile", "ext.cnf"],
-        ]
-        (tls / "ext.cnf").write_text(f"subjectAltName = DNS:{self.dc_host}, IP:{self.address}\n"
-                                     "extendedKeyUsage = serverAuth\nbasicConstraints = CA:FALSE\n")
-        for step in steps:
-            res = subprocess.run(step, cwd=tls, capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                raise SandboxError(f"openssl {step[1]} failed: {tail(res.stdout + res.stderr)}")
-        for name in ("ca.key", "key.pem"):
-            (tls / name).chmod(0o600)
-        (tls / "ca.pem").chmod(0o644)
+        write_tls(self.private / "tls", self.realm, self.dc_host, self.address)
 
 
 def _new_password() -> str:
@@ -465,60 +389,5 @@ def _free_block() -> str:
     raise SandboxError("could not find a free 127.X.Y.1 address for the Samba AD DC")
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _scrub(text: str, commands: list[list[str]]) -> str:
-    """Output with every password we passed replaced (samba-tool may echo its arguments)."""
-    for cmd in commands:
-        if cmd[:2] == ["user", "create"] and len(cmd) > 3:
-            text = text.replace(cmd[3], "***")
-        if "--adminpass" in cmd:
-            text = text.replace(cmd[cmd.index("--adminpass") + 1], "***")
-    return text
-
-
 # Runs under /usr/bin/python3 (samba's bindings). Reads {"config", "sam", "commands"} from stdin; prints
 # "@@FAILED <cmd> <subcmd>" and exits 1 at the first failure.
-_BATCH = r"""
-import json, sys
-doc = json.load(sys.stdin)
-from samba.netcmd.main import cmd_sambatool
-for argv in doc["commands"]:
-    if argv[0] == "@ldbmodify":
-        import ldb
-        from samba.param import LoadParm
-        from samba.samdb import SamDB
-        from samba.auth import system_session
-        lp = LoadParm(); lp.load(doc["config"])
-        db = SamDB(url=doc["sam"], session_info=system_session(), lp=lp)
-        try:
-            db.modify_ldif(argv[1])
-        except ldb.LdbError as e:
-            print("@@FAILED ldbmodify -", e, flush=True); sys.exit(1)
-        continue
-    cmd = cmd_sambatool()
-    try:
-        rc = cmd._run("samba-tool", *argv, "--configfile=" + doc["config"])
-    except SystemExit as e:
-        rc = e.code
-    except Exception as e:
-        cmd.show_command_error(e)
-        rc = 1
-    sys.stdout.flush(); sys.stderr.flush()
-    if rc:
-        print("@@FAILED", argv[0], argv[1] if len(argv) > 1 else "", flush=True)
-        sys.exit(1)
-"""
