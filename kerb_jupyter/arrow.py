@@ -22,11 +22,11 @@ import pyarrow.compute as pc
 from psycopg import errors as pgerrors
 
 from .arrowtypes import ColumnPlan, Decoder, PgType, lookup_sql, plan_column, unknown_oids
+from .copystream import BLOCK_BYTES, stream
 from .errors import ConfigError
 from .query import ConnectionLost, QueryOptions, Step, bind_step, format_db_error, plan_cell
 from .results import Column, ResultSet
 from .sqlparse import code_words, first_keyword
-from .copystream import BLOCK_BYTES, stream
 from .tagging import tag_statement
 
 # Session settings that make COPY's text unambiguous for the parsers (restored afterwards).

@@ -74,7 +74,8 @@ def _read_in_c(conn: psycopg.Connection[Any], read: ReadBlock, pipeline: Pipelin
     holds it: psycopg's copy context sees a finished COPY). Ctrl-C raises from ``read`` with the COPY running."""
     pgconn, total = conn.pgconn, 0
     while True:
-        status, block = read(pgconn.pgconn_ptr or 0, block_bytes)
+        # pgconn_ptr: the PGconn's address (None once closed); psycopg's PGconn protocol does not declare it
+        status, block = read(getattr(pgconn, "pgconn_ptr", None) or 0, block_bytes)
         if status < 0:  # the result first: an error mid-COPY is reported without parsing the last block
             rows = _end_copy(pgconn, status, conn.info.encoding)
         if block:

@@ -10,16 +10,15 @@ import threading
 import uuid
 from typing import Any
 
+import kerb_jupyter_copy  # no skip: scripts/setup installs it; without it these tests must fail
 import pandas as pd
 import pyarrow as pa
-import kerb_jupyter_copy  # no skip: scripts/setup installs it; without it these tests must fail
 import pytest
 from conftest import kerbsql_shell, write_config
 from test_values import QUERY, table, ticket  # noqa: F401  # the all-types table and its fixtures
 
 from kerb_jupyter import arrow, copystream
 from kerb_jupyter.query import QueryOptions
-
 
 
 @pytest.fixture
@@ -55,6 +54,17 @@ def both_ways(shell, monkeypatch, code: str) -> tuple[Any, Any]:
     return fast, slow
 
 
+def same_values(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:
+    """Equal, NaN included (Arrow's equals says NaN != NaN): floats compared as their exact text."""
+    if a.type != b.type:
+        return False
+    value = a.type.value_type if pa.types.is_list(a.type) else a.type
+    if pa.types.is_floating(value):
+        text = pa.list_(pa.string()) if pa.types.is_list(a.type) else pa.string()
+        a, b = a.cast(text), b.cast(text)
+    return bool(a.equals(b))
+
+
 def connection(shell, cluster: str = "analytics") -> Any:
     shell.run_cell(f"%kerbsql {cluster} SELECT 1")
     return shell.magics_manager.registry["KerbSqlMagics"].session.connection(cluster)
@@ -75,14 +85,16 @@ def test_the_extension_is_installed_bound_to_psycopgs_libpq_and_chosen(monkeypat
 def test_all_types_are_identical_through_both_readers(shell, table, monkeypatch, capsys):  # noqa: F811
     fast, slow = both_ways(shell, monkeypatch, f"%kerbsql analytics --arrow {QUERY}")
     assert fast.column_names == table and fast.num_rows > 0
-    assert fast.equals(slow, check_metadata=True)
+    assert fast.schema.equals(slow.schema, check_metadata=True)
+    assert [c for c in fast.column_names if not same_values(fast.column(c), slow.column(c))] == []
     notes = capsys.readouterr().out
     assert notes.count("kerbsql: column") % 2 == 0 and notes.count("kerbsql: column") > 0  # the same notes twice
-    fast, slow = both_ways(shell, monkeypatch, f"%kerbsql analytics --dataframe {QUERY}")
-    pd.testing.assert_frame_equal(fast, slow, check_exact=True)
-    run(shell, "%config KerbSqlMagics.dtype_backend = 'pyarrow'")
-    fast, slow = both_ways(shell, monkeypatch, f"%kerbsql analytics --dataframe {QUERY}")
-    pd.testing.assert_frame_equal(fast, slow, check_exact=True)
+    for backend in ("numpy", "pyarrow"):
+        run(shell, f"%config KerbSqlMagics.dtype_backend = '{backend}'")
+        fast, slow = both_ways(shell, monkeypatch, f"%kerbsql analytics --dataframe {QUERY}")
+        assert list(fast.columns) == table and list(fast.dtypes) == list(slow.dtypes)
+        for j in range(fast.shape[1]):  # exact text of every cell: NaN inside lists compares too
+            assert [repr(v) for v in fast.iloc[:, j]] == [repr(v) for v in slow.iloc[:, j]], (backend, table[j])
 
 
 def test_many_small_blocks_through_both_readers(shell, monkeypatch):
@@ -98,7 +110,7 @@ def test_many_small_blocks_through_both_readers(shell, monkeypatch):
         assert pieces.table is not None and pieces.table.column("t").num_chunks > 50
         tables.append(pieces.table)
     assert tables[0].equals(tables[1]) and tables[0].num_rows == 20000
-    assert tables[0].column("pad").to_pylist()[49] == "ü" * 49
+    assert tables[0].column("pad").to_pylist()[48] == "ü" * 49
 
 
 def test_an_error_mid_copy_leaves_the_connection_clean(shell, capsys):
@@ -150,7 +162,8 @@ def test_ctrl_c_cancels_the_copy_and_keeps_the_connection(shell, tmp_path, capsy
     assert run(shell, "%kerbsql analytics SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY (%' "
                       "AND pid <> pg_backend_pid() AND state = 'active'").rows == [(0,)]
     audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
-    assert [r["outcome"] for r in audit if r["statement"] == sql] == ["cancelled"]
+    word = "pg_sleep" if "pg_sleep" in sql else "generate_series"  # the log keeps the statement's shape
+    assert [r["outcome"] for r in audit if word in r["statement"]] == ["cancelled"]
 
 
 def test_with_and_without_gss_encryption(shell, monkeypatch):
@@ -178,16 +191,16 @@ def test_tag_application_name_and_audit_with_the_c_reader(shell, sandbox, tmp_pa
     assert records[-1]["outcome"] == "ok" and records[-1]["rows"] == 1
 
 
-def test_a_connection_killed_mid_copy_is_reported_and_replaced(shell, sandbox, capsys):
+def test_a_connection_killed_mid_copy_is_replaced_and_the_statement_run_again(shell, sandbox):
+    """The C reader waits mid-COPY (the server sleeps after 50,000 rows) when the backend is terminated: the magic
+    reconnects and runs the statement again, as it does after any lost connection."""
     pid = run(shell, "%kerbsql analytics SELECT pg_backend_pid()").rows[0][0]
     killer = threading.Timer(1.0, lambda: sandbox.servers["analytics"].admin(f"SELECT pg_terminate_backend({pid})"))
     killer.start()
-    run(shell, "%kerbsql analytics --arrow SELECT g, md5(g::text) FROM generate_series(1, 100000000) g")
+    table = run(shell, "%kerbsql analytics --arrow SELECT g, md5(g::text), pg_backend_pid() AS pid, CASE WHEN "
+                       "g = 50000 THEN pg_sleep(2) END AS nap FROM generate_series(1, 100000) g")
     killer.join()
-    said = capsys.readouterr()
-    assert "terminating connection due to administrator command" in said.err + said.out
-    again = run(shell, "%kerbsql analytics --arrow SELECT pg_backend_pid() AS pid")
-    assert again.column("pid")[0].as_py() != pid
+    assert table.num_rows == 100000 and set(table.column("pid").to_pylist()) != {pid}
 
 
 def test_empty_and_zero_column_results(shell):
