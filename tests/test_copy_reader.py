@@ -11,7 +11,6 @@ import uuid
 from typing import Any
 
 import kerb_jupyter_copy  # no skip: scripts/setup installs it; without it these tests must fail
-import pandas as pd
 import pyarrow as pa
 import pytest
 from conftest import kerbsql_shell, write_config
@@ -197,10 +196,10 @@ def test_a_connection_killed_mid_copy_is_replaced_and_the_statement_run_again(sh
     pid = run(shell, "%kerbsql analytics SELECT pg_backend_pid()").rows[0][0]
     killer = threading.Timer(1.0, lambda: sandbox.servers["analytics"].admin(f"SELECT pg_terminate_backend({pid})"))
     killer.start()
-    table = run(shell, "%kerbsql analytics --arrow SELECT g, md5(g::text), pg_backend_pid() AS pid, CASE WHEN "
+    again = run(shell, "%kerbsql analytics --arrow SELECT g, md5(g::text), pg_backend_pid() AS pid, CASE WHEN "
                        "g = 50000 THEN pg_sleep(2) END AS nap FROM generate_series(1, 100000) g")
     killer.join()
-    assert table.num_rows == 100000 and set(table.column("pid").to_pylist()) != {pid}
+    assert again.num_rows == 100000 and set(again.column("pid").to_pylist()) != {pid}
 
 
 def test_empty_and_zero_column_results(shell):
