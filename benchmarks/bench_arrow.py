@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--encrypted-runs", type=int, help="rounds for the GSS-encrypted groups (default: --runs)")
     parser.add_argument("--only", help="comma-separated methods (default: all)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: a cProfile (own time) of --arrow and --dataframe per table, in this process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -257,6 +259,10 @@ def main() -> None:
                   "cx_uri": f"postgresql://postgres@{quote(sock, safe='')}:{server.port}/bench",  # the socket
                   "parquet": str(Path(tmp) / "x.parquet")}
         only = set(args.only.split(",")) if args.only else None
+        if args.profile:
+            conninfo = {"host": "localhost", "port": server.port, "dbname": "bench", "user": sb.principal,
+                        "gssencmode": "disable"}
+            return profile({**common, "conninfo": conninfo, "cluster": "plain"})
         for cluster, mode, names, runs in (("plain", "disable", PLAIN, args.runs),
                                            ("gssenc", "require", ENCRYPTED, args.encrypted_runs or args.runs)):
             conninfo = {"host": "localhost", "port": server.port, "dbname": "bench", "user": sb.principal,
@@ -280,6 +286,29 @@ def main() -> None:
                                  "file_mb": Path(common["parquet"]).stat().st_size / 1e6}
     results["load_after"] = os.getloadavg()
     report(results, args)
+
+
+def profile(spec: dict[str, Any]) -> None:
+    """Where the time of --arrow and --dataframe goes: cProfile by own time, one warm run per table and method."""
+    import cProfile
+    import io
+    import pstats
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+    for table, query in QUERIES.items():
+        for method in ("kerbsql_arrow", "kerbsql_dataframe"):
+            child = Child({**spec, "query": query}, method)
+            child.run()
+            prof = cProfile.Profile()
+            started = time.perf_counter()
+            prof.runcall(child.run)
+            took = time.perf_counter() - started
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(8)
+            print(f"## {table}: {method} ({took:.2f} s under the profiler)\n")
+            print("\n".join(line for line in text.getvalue().splitlines()[6:] if line.strip()))
+            InteractiveShell.clear_instance()
 
 
 def measure(spec: dict[str, Any], names: list[str], runs: int, loads: list[float]) -> dict[str, Any]:
