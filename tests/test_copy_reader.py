@@ -17,6 +17,7 @@ from conftest import kerbsql_shell, write_config
 from test_values import QUERY, table, ticket  # noqa: F401  # the all-types table and its fixtures
 
 from kerb_jupyter import arrow, copystream
+from kerb_jupyter.errors import ConfigError
 from kerb_jupyter.query import QueryOptions
 
 
@@ -77,7 +78,7 @@ def test_the_extension_is_installed_bound_to_psycopgs_libpq_and_chosen(monkeypat
     monkeypatch.setenv(copystream.READER_ENV, "python")
     assert copystream.copy_reader() is None
     monkeypatch.setenv(copystream.READER_ENV, "fortran")
-    with pytest.raises(Exception, match="KERB_JUPYTER_COPY_READER='fortran': use auto, c or python"):
+    with pytest.raises(ConfigError, match="KERB_JUPYTER_COPY_READER='fortran': use auto, c or python"):
         copystream.copy_reader()
 
 

@@ -57,25 +57,31 @@ bind(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The rows go straight into the bytearray returned (no second copy of a block: --to's memory bound). It is this
+ * call's own object until returned, so it is written without the GIL; only growing it takes the GIL. */
 typedef struct {
-    char *data;
+    PyObject *block; /* a bytearray: its allocated size is the capacity */
     size_t size, capacity;
+    PyThreadState **saved;
 } Buffer;
 
 static int
 append(Buffer *buf, const char *row, size_t n)
 {
-    if (buf->size + n > buf->capacity) {
-        size_t want = buf->capacity ? buf->capacity : 1 << 16;
+    if (buf->size + n > buf->capacity) { /* a row past the slack: rare */
+        size_t want = buf->capacity * 2;
         while (want < buf->size + n)
             want *= 2;
-        char *grown = realloc(buf->data, want);
-        if (grown == NULL)
+        PyEval_RestoreThread(*buf->saved);
+        int failed = PyByteArray_Resize(buf->block, (Py_ssize_t)want);
+        if (failed)
+            PyErr_Clear(); /* reported as MemoryError by the caller */
+        *buf->saved = PyEval_SaveThread();
+        if (failed)
             return -1;
-        buf->data = grown;
         buf->capacity = want;
     }
-    memcpy(buf->data + buf->size, row, n);
+    memcpy(PyByteArray_AS_STRING(buf->block) + buf->size, row, n);
     buf->size += n;
     return 0;
 }
@@ -100,11 +106,14 @@ read_block(PyObject *self, PyObject *args)
         return NULL;
     }
     PGconn *conn = (PGconn *)(uintptr_t)address;
-    Buffer buf = {NULL, 0, 0};
     int status = 0, no_memory = 0, interrupted = 0;
     size_t target = limit > 0 ? (size_t)limit : 1;
-
+    size_t slack = 1 << 20; /* the row that crosses `limit` fits without growing; untouched pages cost no RSS */
+    PyObject *block = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(target + slack));
+    if (block == NULL)
+        return NULL;
     PyThreadState *saved = PyEval_SaveThread();
+    Buffer buf = {block, 0, target + slack, &saved};
     while (status == 0) {
         char *row = NULL;
         int n = pq_getcopydata(conn, &row, 1);
@@ -166,13 +175,13 @@ read_block(PyObject *self, PyObject *args)
     PyEval_RestoreThread(saved);
 
     if (no_memory || interrupted) {
-        free(buf.data);
+        Py_DECREF(block);
         return no_memory ? PyErr_NoMemory() : NULL;
     }
-    PyObject *block = PyByteArray_FromStringAndSize(buf.data ? buf.data : "", (Py_ssize_t)buf.size);
-    free(buf.data);
-    if (block == NULL)
+    if (PyByteArray_Resize(block, (Py_ssize_t)buf.size) < 0) { /* shrinking: frees the unused part if large */
+        Py_DECREF(block);
         return NULL;
+    }
     blocks++;
     return Py_BuildValue("(iN)", status, block);
 }
