@@ -3,7 +3,8 @@
 ``pip wheel`` builds kerb_jupyter's dependencies for the Python running it (krb5 and gssapi compile here,
 once: the package index has no Linux wheels for them) and copies the rest; from a source checkout it also builds
 the optional COPY reader extension ``kerb_jupyter_copy`` (``copyreader/``, C, seconds). Install on the notebook
-with ``pip install --no-index --find-links DIR --only-binary=:all: kerb_jupyter kerb_jupyter_copy``.
+with ``pip install --no-index --find-links DIR --only-binary=krb5,gssapi,psycopg-binary,kerb_jupyter_copy
+kerb_jupyter kerb_jupyter_copy``.
 Run it with each target Python (3.10 for notebook instances, 3.11/3.12 for Studio) on a system whose glibc
 is not newer than the target's (build in an ``amazonlinux:2023`` container for notebook instances).
 """
