@@ -63,7 +63,8 @@ def copy_reader() -> ReadBlock | None:
     except ImportError as err:
         if wanted == "c":
             raise ConfigError(f"{READER_ENV}=c, but the COPY reader extension cannot be used: {err} "
-                              "(pip install 'kerb_jupyter[fast]', or a wheel from kerb-jupyter wheelhouse)") from None
+                              "(install the kerb_jupyter_copy wheel `kerb-jupyter wheelhouse` builds, or "
+                              "`pip install ./copyreader` in a source checkout)") from None
         return None
     return read_block
 
