@@ -75,6 +75,8 @@ def test_the_extension_is_installed_bound_to_psycopgs_libpq_and_chosen(monkeypat
 
     assert kerb_jupyter_copy.LIBPQ_VERSION == psycopg.pq.version()
     assert copystream.copy_reader() is kerb_jupyter_copy.read_block
+    monkeypatch.setenv(copystream.READER_ENV, "c")
+    assert copystream.copy_reader() is kerb_jupyter_copy.read_block
     monkeypatch.setenv(copystream.READER_ENV, "python")
     assert copystream.copy_reader() is None
     monkeypatch.setenv(copystream.READER_ENV, "fortran")
