@@ -44,6 +44,10 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
 
     if os.environ.get("BENCH_SWITCH_INTERVAL"):  # to test what limits the worst callback: the GIL hand-over
         sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
+    if os.environ.get("BENCH_SCOPED_SWITCH") == "0":  # the code before: no lower switch interval during events
+        from kerb_jupyter import threads
+
+        threads.SWITCH_INTERVAL = sys.getswitchinterval()
     samples: list[float] = []
     longest: dict[str, Any] = {"s": 0.0, "what": ""}
     run = asyncio.events.Handle._run
@@ -163,6 +167,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--events", type=int, default=10)
     parser.add_argument("--switch-interval", type=float, help="sys.setswitchinterval() in the server (default 0.005)")
+    parser.add_argument("--no-scoped-switch", action="store_true",
+                        help="keep the switch interval while blocking work runs (threads.SWITCH_INTERVAL: the code "
+                             "before issue 20), to compare")
     args = parser.parse_args()
 
     from kerb_jupyter.sandbox import Sandbox
@@ -183,7 +190,8 @@ def main() -> None:
                    AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",  # noqa: S106
                    PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
                    JUPYTER_RUNTIME_DIR=str(Path(tmp) / "runtime"),
-                   BENCH_SWITCH_INTERVAL=str(args.switch_interval or ""))
+                   BENCH_SWITCH_INTERVAL=str(args.switch_interval or ""),
+                   BENCH_SCOPED_SWITCH="0" if args.no_scoped_switch else "1")
         log = open(Path(tmp) / "server.log", "wb")
         server = subprocess.Popen(
             [sys.executable, "-m", "jupyter_server", f"--port={port}", "--ip=127.0.0.1", "--no-browser",
@@ -197,7 +205,7 @@ def main() -> None:
             time.sleep(2)
             base = f"http://127.0.0.1:{port}/"
             cache = state / "krb5cc"
-            for clients in (0, args.clients):
+            for clients in dict.fromkeys((0, args.clients)):
                 print(f"{clients} clients ...", file=sys.stderr)
                 results[f"clients={clients}"] = asyncio.run(measure(base, clients, args.events, cache))
         finally:
@@ -216,7 +224,8 @@ def main() -> None:
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     lines = [f"load average before {results['load_before'][0]:.1f}, after {results['load_after'][0]:.1f}; "
-             f"{args.events} events of each kind; switch interval {args.switch_interval or 0.005} s", "",
+             f"{args.events} events of each kind; switch interval {args.switch_interval or 0.005} s; scoped "
+             f"{'off' if args.no_scoped_switch else 'on'}", "",
              "| clients | event | event took ms | longest callback without event ms | longest callback with event "
              "ms (median / max) | probe lag max without / with ms | probe p99 without / with ms |",
              "|---|---|---:|---:|---:|---:|---:|"]

@@ -2,8 +2,9 @@
 
 The statement runs on the cell's own psycopg connection (GSSAPI: ADBC's libpq cannot), with the same
 ``:name`` binding, sqlcommenter tag, statement timeout, audit record and Ctrl-C cancellation as
-``query.run_sql``. Its result description gives the Arrow types (``arrowtypes``); CSV blocks of a few MB are
-parsed by pyarrow on a worker thread while the next block streams in. No IPython here.
+``query.run_sql``. Its result description gives the Arrow types (``arrowtypes``); CSV blocks of a few MB, read by
+``copystream`` (in C when the ``kerb_jupyter_copy`` extension is installed), are parsed by pyarrow on a worker
+thread while the next block streams in. No IPython here.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -24,13 +23,13 @@ from psycopg import errors as pgerrors
 
 from .arrowtext import interval_parts, with_interval_parts
 from .arrowtypes import ColumnPlan, Decoder, PgType, lookup_sql, plan_column, unknown_oids
+from .copystream import BLOCK_BYTES, stream
 from .errors import ConfigError
 from .query import ConnectionLost, QueryOptions, Step, bind_step, format_db_error, plan_cell
 from .results import Column, ResultSet
 from .sqlparse import code_words, first_keyword
 from .tagging import tag_statement
 
-BLOCK_BYTES = 8 << 20  # CSV bytes per parsed block: big enough for pyarrow's threads, small enough to bound memory
 # Session settings that make COPY's text unambiguous for the parsers (restored afterwards). TimeZone stays the
 # session's: timestamptz text carries its offset, and fallbacks and ranges read as psql shows them there.
 SESSION = {"DateStyle": "ISO, MDY", "IntervalStyle": "iso_8601", "extra_float_digits": "1",
@@ -161,97 +160,6 @@ def plan_columns(conn: psycopg.Connection[Any], columns: list[tuple[str, int, in
         wanted = [o for o in unknown_oids([t.element for t in types.values()] + [t.base for t in types.values()])
                   if o and o not in types]
     return [plan_column(name, oid, typmod, types) for name, oid, typmod in columns]
-
-
-def stream(conn: psycopg.Connection[Any], sql: str, work: Callable[[bytearray], None],
-           block_bytes: int = BLOCK_BYTES) -> tuple[int, int]:
-    """Run the COPY and hand its CSV to ``work`` in blocks of whole rows, on one worker thread, in order.
-
-    Returns (rows, bytes). Rows already buffered by libpq are taken without psycopg's per-row wait machinery;
-    when none are, ``copy.read()`` waits (and on Ctrl-C psycopg cancels the COPY on the server).
-    """
-    pipeline = Pipeline(work)
-    pgconn = conn.pgconn
-    buf, total, rows = bytearray(), 0, -1
-    try:
-        with conn.cursor() as cur, cur.copy(sql) as copy:
-            get = pgconn.get_copy_data
-            data: Any
-            while True:
-                n, data = get(1)
-                if n > 0:
-                    buf += data
-                    continue
-                if n < 0:
-                    rows = _end_copy(pgconn, n, conn.info.encoding)
-                    break
-                if len(buf) >= block_bytes:  # checked when libpq's buffer runs dry, not per row
-                    total += len(buf)
-                    pipeline.submit(buf)
-                    buf = bytearray()
-                data = copy.read()
-                if not data:
-                    rows = cur.rowcount
-                    break
-                buf += data
-        if buf:
-            total += len(buf)
-            pipeline.submit(buf)
-        pipeline.finish()
-    except KeyboardInterrupt:
-        _drain(conn)
-        raise
-    finally:
-        pipeline.close()
-    return rows, total
-
-
-def _drain(conn: psycopg.Connection[Any]) -> None:
-    """After Ctrl-C: a COPY interrupted before its first row is left running by psycopg; cancel and finish it."""
-    pgconn = conn.pgconn
-    if conn.closed or pgconn.transaction_status != psycopg.pq.TransactionStatus.ACTIVE:
-        return
-    conn.cancel_safe()
-    while pgconn.get_copy_data(0)[0] >= 0:
-        pass
-    while pgconn.get_result() is not None:
-        pass
-
-
-def _end_copy(pgconn: Any, n: int, encoding: str) -> int:
-    """The COPY's last message was taken by our loop: read its final result here (psycopg did not see it)."""
-    if n == -2:
-        raise psycopg.OperationalError((pgconn.error_message or b"").decode(encoding, "replace").strip())
-    res = pgconn.get_result()
-    while pgconn.get_result() is not None:
-        pass
-    if res is None or res.status != _OK:
-        raise pgerrors.error_from_result(res, encoding=encoding)
-    return int(res.command_tuples or 0)
-
-
-class Pipeline:
-    """``work(block)`` on one worker thread, in order; at most ``depth`` blocks wait (bounded memory)."""
-
-    def __init__(self, work: Callable[[bytearray], None], depth: int = 2) -> None:
-        self._work = work
-        self._depth = depth
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kerbsql-arrow")
-        self._pending: deque[Future[None]] = deque()
-
-    def submit(self, block: bytearray) -> None:
-        while len(self._pending) >= self._depth:
-            self._pending.popleft().result()  # re-raises the worker's error here, which cancels the COPY
-        self._pending.append(self._pool.submit(self._work, block))
-
-    def finish(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
-
-    def close(self) -> None:
-        for future in self._pending:
-            future.cancel()
-        self._pool.shutdown(wait=True)
 
 
 class Collector:
