@@ -15,6 +15,7 @@ import pytest
 
 from kerb_jupyter.sandbox import Sandbox
 from kerb_jupyter.sandbox.ad import ADSandbox
+from kerb_jupyter.sandbox.broker import BrokerSandbox
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
@@ -45,6 +46,27 @@ def ad_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ADSandbox]:
         yield sb
     finally:
         sb.stop()
+
+
+@pytest.fixture(scope="session")
+def bsb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerSandbox]:
+    """The running broker (LDAP realm, moto STS with SigV4 verification, a broker process) that the
+    test_broker_service*.py modules share: started once for all of them, stopped at the end of the session.
+    Modules that need a broker of their own define their own ``bsb``."""
+    sb = BrokerSandbox(tmp_path_factory.mktemp("broker-service"))
+    sb.start()
+    try:
+        sb.realm.add_user("bob")  # in the directory, in no group
+        sb.realm.add_principal("postgres/other")  # a cluster the broker may not delegate to
+        yield sb
+    finally:
+        sb.stop()
+
+
+@pytest.fixture
+def bsb_krb5(bsb: BrokerSandbox) -> None:
+    """Point Kerberos at the broker realm (``pytestmark = pytest.mark.usefixtures("bsb_krb5")``)."""
+    os.environ["KRB5_CONFIG"] = str(bsb.realm.krb5_conf)
 
 
 @pytest.fixture(autouse=True)
