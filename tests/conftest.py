@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from kerb_jupyter import tickets
 from kerb_jupyter.sandbox import Sandbox
 from kerb_jupyter.sandbox.ad import ADSandbox
 from kerb_jupyter.sandbox.broker import BrokerSandbox
@@ -127,3 +128,21 @@ def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05) -> A
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+@pytest.fixture
+def shell(sandbox, tmp_path, monkeypatch):
+    """A real IPython shell with the extension loaded, a fresh ticket in a FILE cache, and an audit log (the Arrow
+    and export tests'; modules with a shell of their own define ``shell`` themselves)."""
+    cache = tmp_path / "state" / "krb5cc"
+    tickets.acquire_with_keytab(sandbox.principal, sandbox.keytab, cache)
+    config = write_config(tmp_path / "kerb_jupyter.json", sandbox, audit_log=str(tmp_path / "audit.jsonl"))
+    with kerbsql_shell(monkeypatch, cache, config) as sh:
+        yield sh
+
+
+@pytest.fixture
+def conn(shell):
+    """The shell's own connection to the analytics cluster (the one %kerbsql uses)."""
+    shell.run_cell("%kerbsql analytics SELECT 1")
+    return shell.magics_manager.registry["KerbSqlMagics"].session.connection("analytics")
