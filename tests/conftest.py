@@ -146,3 +146,12 @@ def conn(shell):
     """The shell's own connection to the analytics cluster (the one %kerbsql uses)."""
     shell.run_cell("%kerbsql analytics SELECT 1")
     return shell.magics_manager.registry["KerbSqlMagics"].session.connection("analytics")
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    """The keeper tests' FILE cache, made this test's KRB5CCNAME (it replaces pytest's own ``cache`` fixture in this
+    suite, which no test uses)."""
+    path = tmp_path / "state" / "krb5cc"
+    os.environ["KRB5CCNAME"] = f"FILE:{path}"
+    return path

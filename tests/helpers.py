@@ -1,5 +1,5 @@
-"""Test helpers: drive the server extension's start hook, real kernels and real shells as a notebook would, and
-run the doctor."""
+"""Test helpers: drive the server extension's start hook, real kernels and shells as a notebook would, the
+doctor and the keeper."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Any
 from jupyter_client import BlockingKernelClient
 
 from kerb_jupyter.doctor import run_doctor
+from kerb_jupyter.keeper import TicketKeeper
+from kerb_jupyter.sources import KeytabSource
 
 
 @dataclass
@@ -135,6 +137,15 @@ def krb5_conf_copy(sandbox, tmp_path, edit):
 
 
 def run(shell, code: str) -> Any:
+    """Run one cell in a real shell; its result (the cell must parse)."""
     result = shell.run_cell(code)
     assert result.error_before_exec is None
     return result.result
+
+
+def keeper_for(sandbox, cache, source=None, principal=None, **kw) -> TicketKeeper:
+    """A TicketKeeper for ``cache`` (keytab source, the sandbox principal) with short retry intervals."""
+    kw.setdefault("retry_interval", 0.3)
+    kw.setdefault("max_retry_interval", 0.6)
+    return TicketKeeper(principal or sandbox.principal, source or KeytabSource(sandbox.keytab), cache,
+                        cache.parent / "state.json", **kw)
