@@ -1,5 +1,4 @@
-"""Helpers for the broker-service tests: signed requests from a sandbox caller, POSTs to the running broker,
-its audit records, and variants of its configuration."""
+"""Broker-service test helpers: signed requests, POSTs to the running broker, audit records, config variants."""
 
 from __future__ import annotations
 

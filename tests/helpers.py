@@ -1,5 +1,4 @@
-"""Test helpers: drive the server extension's start hook, real kernels and shells as a notebook would, the
-doctor and the keeper."""
+"""Test helpers: the server extension's start hook, real kernels and shells, the doctor and the keeper."""
 
 from __future__ import annotations
 

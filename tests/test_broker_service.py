@@ -1,5 +1,4 @@
-"""The broker as a running service, the request path: an issue audited, the notebook's broker source, TLS to
-the broker, LDAPS to the directory, an audit log that never follows a link."""
+"""The running broker's request path: an issue audited, the notebook's source, TLS, LDAPS, audit-log links."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The broker when what it depends on fails: STS silent or stalled, the shared store, the directory and the KDC
-down are 503s (never 500), audited, and logged once per outage."""
+"""The broker when STS, its store, the directory or the KDC fail: a 503 (never 500), audited, logged once."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The broker's refusals and limits: callers mapped to nobody or to no group, bad signatures, addresses outside
-the ranges, rate limits and the hourly cap; each a generic body, audited with its reason."""
+"""The broker's refusals and limits: unmapped callers, bad signatures, foreign addresses, rate limits, the cap."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The broker's input and state: replays, health and metrics, an oversized body (413), another region, a restart,
-policy reload on SIGHUP."""
+"""The broker's input and state: replays, health and metrics, 413, another region, a restart, SIGHUP reload."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""kerb-jupyter doctor with the broker source: a real broker (LDAP realm, moto STS, PostgreSQL), each fault
-injected for real."""
+"""kerb-jupyter doctor with the broker source against a real broker, each fault injected for real."""
 
 from __future__ import annotations
 

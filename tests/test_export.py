@@ -1,5 +1,4 @@
-"""%kerbsql --to: exports to Parquet, Arrow IPC and CSV from a real shell and a real kernel, streamed in blocks,
-atomic on failure, cancelled with Ctrl-C."""
+"""%kerbsql --to: Parquet, Arrow and CSV exports in a shell and a kernel, streamed, atomic on failure, Ctrl-C."""
 
 from __future__ import annotations
 

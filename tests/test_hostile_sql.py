@@ -1,5 +1,4 @@
-"""Issue 14's hostile SQL through a real IPython shell on real PostgreSQL: NUL in statements and values, array
-slices, a cluster whose options undo GSSAPI, bad timeouts."""
+"""Hostile SQL through a real shell on real PostgreSQL: NUL, array slices, options that undo GSSAPI, timeouts."""
 
 from __future__ import annotations
 

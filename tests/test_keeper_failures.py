@@ -1,5 +1,4 @@
-"""The keeper never dies and never trusts what it cannot read: damaged or missing caches, a source with a bug,
-a task that died, a state directory owned by someone else."""
+"""The keeper never dies: damaged or missing caches, a buggy source, a dead task, someone else's state dir."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Issue 14's attacks, for real: a second OS account planting links and files, look-alike identities, options that
-undo GSSAPI, a secret fetched with every logger at DEBUG (hostile SQL through the shell: test_hostile_sql.py)."""
+"""Issue 14's attacks: another account's links and files, look-alikes, options that undo GSSAPI, secrets in logs."""
 
 from __future__ import annotations
 
