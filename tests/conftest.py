@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
+from kerb_jupyter import tickets
 from kerb_jupyter.sandbox import Sandbox
 from kerb_jupyter.sandbox.ad import ADSandbox
+from kerb_jupyter.sandbox.broker import BrokerSandbox
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
@@ -45,6 +47,27 @@ def ad_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ADSandbox]:
         yield sb
     finally:
         sb.stop()
+
+
+@pytest.fixture(scope="session")
+def bsb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerSandbox]:
+    """The running broker (LDAP realm, moto STS with SigV4 verification, a broker process) that the
+    test_broker_service*.py modules share: started once for all of them, stopped at the end of the session.
+    Modules that need a broker of their own define their own ``bsb``."""
+    sb = BrokerSandbox(tmp_path_factory.mktemp("broker-service"))
+    sb.start()
+    try:
+        sb.realm.add_user("bob")  # in the directory, in no group
+        sb.realm.add_principal("postgres/other")  # a cluster the broker may not delegate to
+        yield sb
+    finally:
+        sb.stop()
+
+
+@pytest.fixture
+def bsb_krb5(bsb: BrokerSandbox) -> None:
+    """Point Kerberos at the broker realm (``pytestmark = pytest.mark.usefixtures("bsb_krb5")``)."""
+    os.environ["KRB5_CONFIG"] = str(bsb.realm.krb5_conf)
 
 
 @pytest.fixture(autouse=True)
@@ -105,3 +128,30 @@ def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.05) -> A
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+@pytest.fixture
+def shell(sandbox, tmp_path, monkeypatch):
+    """A real IPython shell with the extension loaded, a fresh ticket in a FILE cache, and an audit log (the Arrow
+    and export tests'; modules with a shell of their own define ``shell`` themselves)."""
+    cache = tmp_path / "state" / "krb5cc"
+    tickets.acquire_with_keytab(sandbox.principal, sandbox.keytab, cache)
+    config = write_config(tmp_path / "kerb_jupyter.json", sandbox, audit_log=str(tmp_path / "audit.jsonl"))
+    with kerbsql_shell(monkeypatch, cache, config) as sh:
+        yield sh
+
+
+@pytest.fixture
+def conn(shell):
+    """The shell's own connection to the analytics cluster (the one %kerbsql uses)."""
+    shell.run_cell("%kerbsql analytics SELECT 1")
+    return shell.magics_manager.registry["KerbSqlMagics"].session.connection("analytics")
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    """The keeper tests' FILE cache, made this test's KRB5CCNAME (it replaces pytest's own ``cache`` fixture in this
+    suite, which no test uses)."""
+    path = tmp_path / "state" / "krb5cc"
+    os.environ["KRB5CCNAME"] = f"FILE:{path}"
+    return path

@@ -1,13 +1,19 @@
-"""Test helpers: drive the server extension's start hook and real kernels as a notebook would."""
+"""Test helpers: the server extension's start hook, real kernels and shells, the doctor and the keeper."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jupyter_client import BlockingKernelClient
+
+from kerb_jupyter.doctor import run_doctor
+from kerb_jupyter.keeper import TicketKeeper
+from kerb_jupyter.sources import KeytabSource
 
 
 @dataclass
@@ -109,3 +115,36 @@ async def wait_keeper(app, want: str, timeout: float = 15) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"keeper state never became {want!r}: {keeper.state}")
+
+
+def doctor(*clusters, **kwargs):
+    """run_doctor as the doctor tests call it: no running server to find unless ``runtime_dir`` says where."""
+    return run_doctor(clusters, runtime_dir=kwargs.pop("runtime_dir", Path("/nonexistent")), **kwargs)
+
+
+def statuses(report):
+    """Each check's name -> its status."""
+    return {c.name: c.status for c in report.checks}
+
+
+def krb5_conf_copy(sandbox, tmp_path, edit):
+    """A copy of the sandbox's krb5.conf with ``edit`` applied, made this test's KRB5_CONFIG."""
+    conf = tmp_path / "krb5.conf"
+    conf.write_text(edit(sandbox.realm.krb5_conf.read_text()))
+    os.environ["KRB5_CONFIG"] = str(conf)
+    return conf
+
+
+def run(shell, code: str) -> Any:
+    """Run one cell in a real shell; its result (the cell must parse)."""
+    result = shell.run_cell(code)
+    assert result.error_before_exec is None
+    return result.result
+
+
+def keeper_for(sandbox, cache, source=None, principal=None, **kw) -> TicketKeeper:
+    """A TicketKeeper for ``cache`` (keytab source, the sandbox principal) with short retry intervals."""
+    kw.setdefault("retry_interval", 0.3)
+    kw.setdefault("max_retry_interval", 0.6)
+    return TicketKeeper(principal or sandbox.principal, source or KeytabSource(sandbox.keytab), cache,
+                        cache.parent / "state.json", **kw)
