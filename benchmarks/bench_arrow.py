@@ -233,7 +233,7 @@ def main() -> None:
     if args.child:
         return child_main(args.child)
 
-    from kerb_jupyter import tickets
+    from kerb_jupyter.core import tickets
     from kerb_jupyter.sandbox import Sandbox
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -157,7 +157,7 @@ def main() -> None:
     if args.child:
         return run_child(args.child)
 
-    from kerb_jupyter import tickets
+    from kerb_jupyter.core import tickets
     from kerb_jupyter.sandbox import Sandbox
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the sandbox below is stopped, not orphaned

@@ -45,7 +45,7 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     if os.environ.get("BENCH_SWITCH_INTERVAL"):  # to test what limits the worst callback: the GIL hand-over
         sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
     if os.environ.get("BENCH_SCOPED_SWITCH") == "0":  # the code before: no lower switch interval during events
-        from kerb_jupyter import threads
+        from kerb_jupyter.server import threads
 
         threads.SWITCH_INTERVAL = sys.getswitchinterval()
     samples: list[float] = []

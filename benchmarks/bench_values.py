@@ -54,14 +54,14 @@ class Methods:
     def __init__(self, conninfo: dict[str, Any]) -> None:
         import psycopg
 
-        from kerb_jupyter import pgtypes
+        from kerb_jupyter.sql import pgtypes
 
         self.conn = psycopg.connect(**conninfo, autocommit=True)
         self.raw = psycopg.connect(**conninfo, autocommit=True)
         pgtypes.prepare(self.conn)
 
     def _run(self, sql: str) -> Any:
-        from kerb_jupyter.query import QueryOptions, run_sql
+        from kerb_jupyter.sql.query import QueryOptions, run_sql
 
         return run_sql(self.conn, sql, {}, QueryOptions(limit=None), "bench")[-1]
 
@@ -103,7 +103,7 @@ class Methods:
         return self._run("SELECT 1")
 
     def kerbsql_select1_uncached_names(self) -> Any:
-        from kerb_jupyter import pgtypes
+        from kerb_jupyter.sql import pgtypes
 
         pgtypes._NAMES[self.conn].clear()  # what every call would cost without the per-connection cache
         return self._run("SELECT 1")
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--small-runs", type=int, default=2000)
     args = parser.parse_args()
 
-    from kerb_jupyter import tickets
+    from kerb_jupyter.core import tickets
     from kerb_jupyter.sandbox import Sandbox
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the sandbox below is stopped, not orphaned

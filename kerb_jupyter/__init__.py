@@ -1,6 +1,6 @@
 """kerb_jupyter: Kerberos tickets kept alive for Jupyter, and SQL over GSSAPI from notebooks.
 
-Server side: the ``kerb_jupyter.app`` jupyter-server extension. Kernel side: ``%load_ext kerb_jupyter``.
+Server side: the ``kerb_jupyter.server.app`` jupyter-server extension. Kernel side: ``%load_ext kerb_jupyter``.
 Both import lazily here, so loading the magic never imports jupyter_server.
 """
 
@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import errors as _errors
-from .errors import *  # noqa: F403  # the error tree is the package's public surface
+from .core import errors as _errors
+from .core.errors import *  # noqa: F403  # the error tree is the package's public surface
 
 __version__ = "0.1.0"
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
-    from .app import KerbJupyterApp
+    from .server.app import KerbJupyterApp
 
-    return [{"module": "kerb_jupyter.app", "app": KerbJupyterApp}]
+    return [{"module": "kerb_jupyter.server.app", "app": KerbJupyterApp}]
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from .errors import KerbJupyterError
+from .core.errors import KerbJupyterError
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
@@ -95,7 +95,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def run_sandbox(args: argparse.Namespace) -> int:
-    from .errors import SandboxError
+    from .core.errors import SandboxError
     from .sandbox import Sandbox
     from .sandbox.procs import free_port, stop_process
 
@@ -165,7 +165,7 @@ def krb5_conf(realm: str, kdcs: list[str], domains: list[str], admin_server: str
     ``trusted``: on-premises realms trusted by the AD realm, as ``REALM=kdc[,kdc]``; each gets a [realms] entry
     and a direct [capaths] path through the AD realm.
     """
-    from .errors import ConfigError
+    from .core.errors import ConfigError
 
     realm = realm.upper()
     other: dict[str, list[str]] = {}
@@ -215,8 +215,8 @@ def krb5_conf(realm: str, kdcs: list[str], domains: list[str], admin_server: str
 
 
 def run_doctor_command(args: argparse.Namespace) -> int:
-    from .doctor import Report, run_doctor
-    from .doctor_checks import find_servers, server_check
+    from .doctor.checks import find_servers, server_check
+    from .doctor.run import Report, run_doctor
 
     if args.only == "extension":  # lifecycle scripts: exit 0 only when a running server has it loaded
         check = server_check(find_servers(), args.timeout)
@@ -230,9 +230,9 @@ def run_doctor_command(args: argparse.Namespace) -> int:
 def show_status(as_json: bool) -> int:
     """The shared ticket and the keeper's state; a configuration problem (a KERB_JUPYTER_CONFIG naming a
     file that does not exist, a malformed file) is said first, then what the default locations hold."""
-    from .config import ENV_CONFIG, Settings, load_settings
-    from .errors import ConfigError
-    from .status import credential_status
+    from .core.config import ENV_CONFIG, Settings, load_settings
+    from .core.errors import ConfigError
+    from .core.state import credential_status
 
     config_error: ConfigError | None = None
     try:

@@ -35,12 +35,12 @@ from IPython.core.magic import (
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Enum, Float, Int
 
-from . import audit, db
-from .config import Settings, default_config_path, load_settings
-from .errors import KerbJupyterError
-from .query import ConnectionLost, QueryOptions, run_sql
-from .results import ResultSet
-from .tagging import build_comment
+from .core.config import Settings, default_config_path, load_settings
+from .core.errors import KerbJupyterError
+from .core.tagging import build_comment
+from .sql import audit, db
+from .sql.query import ConnectionLost, QueryOptions, run_sql
+from .sql.results import ResultSet
 
 
 def parse_timeout(text: str) -> float:
@@ -177,10 +177,10 @@ class KerbSqlMagics(Magics):
     @line_magic
     def kerbstatus(self, line: str = "") -> Any:
         """Show the shared Kerberos ticket and what the server's keeper reports (``--doctor``: every check)."""
-        from .status import credential_status
+        from .core.state import credential_status
 
         if line.strip() == "--doctor":
-            from .doctor import run_doctor
+            from .doctor.run import run_doctor
 
             return run_doctor()
         try:
@@ -191,7 +191,7 @@ class KerbSqlMagics(Magics):
     def _kerbsql_copy(self, args: Any, sql: str, namespace: Mapping[str, Any], output: str | None) -> Any:
         """One statement streams through COPY into Arrow (arrow.py); others take the usual path, then convert."""
         try:
-            from . import arrow, export
+            from .sql import arrow, export
         except ImportError:  # pyarrow is in the pandas/arrow/polars extras; without it --dataframe goes row by row
             if output == "pandas" and not args.to:
                 results = self._run(args.cluster, sql, namespace, QueryOptions(args.limit, args.timeout))
@@ -292,7 +292,7 @@ class KerbSqlMagics(Magics):
         return _tag_comment(principal, identity.get("arn") or identity.get("name"), notebook)
 
     def _list(self) -> ResultSet:
-        from .results import Column
+        from .sql.results import Column
 
         rs = ResultSet(statement="--list", cluster="config", status="clusters")
         rs.columns = [Column(n, "text") for n in ("cluster", "host", "port", "dbname", "gssencmode")]

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError
+from .core.errors import ConfigError
 
 COMPILED = ("krb5", "gssapi")
 COPY_READER = "kerb_jupyter_copy"

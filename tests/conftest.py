@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kerb_jupyter import tickets
+from kerb_jupyter.core import tickets
 from kerb_jupyter.sandbox import Sandbox
 from kerb_jupyter.sandbox.ad import ADSandbox
 from kerb_jupyter.sandbox.broker import BrokerSandbox

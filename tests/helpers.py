@@ -11,9 +11,9 @@ from typing import Any
 
 from jupyter_client import BlockingKernelClient
 
-from kerb_jupyter.doctor import run_doctor
-from kerb_jupyter.keeper import TicketKeeper
-from kerb_jupyter.sources import KeytabSource
+from kerb_jupyter.doctor.run import run_doctor
+from kerb_jupyter.server.keeper import TicketKeeper
+from kerb_jupyter.server.sources import KeytabSource
 
 
 @dataclass

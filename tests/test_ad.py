@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from helpers import KernelSession, start_extensions, wait_keeper
 
-from kerb_jupyter import tickets
-from kerb_jupyter.keeper import TicketKeeper
+from kerb_jupyter.core import tickets
+from kerb_jupyter.core.state import CredentialStatus, _clock
 from kerb_jupyter.magic import _notebook_path
 from kerb_jupyter.sandbox.realm import Realm
-from kerb_jupyter.sources import KeytabSource
-from kerb_jupyter.status import CredentialStatus, _clock
+from kerb_jupyter.server.keeper import TicketKeeper
+from kerb_jupyter.server.sources import KeytabSource
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_after_an_outage_an_expired_ticket_is_reacquired_at_once(ad, caplog):
         await keeper.stop()
         return keeper, recovery, expired_renewals(ad) - refused_before
 
-    with caplog.at_level(logging.INFO, logger="kerb_jupyter.keeper"):
+    with caplog.at_level(logging.INFO, logger="kerb_jupyter.server.keeper"):
         keeper, recovery, refused = asyncio.run(scenario())
     print(f"recovered {recovery:.2f} s after the KDC came back (retry_interval 0.3 s, max 0.6 s)")
     assert refused == 0  # never asked to renew the expired ticket: AD would refuse it

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import run
 
-from kerb_jupyter import arrow
-from kerb_jupyter.arrowtext import parse_array, parse_interval
-from kerb_jupyter.query import QueryOptions
+from kerb_jupyter.sql import arrow
+from kerb_jupyter.sql.arrowtext import parse_array, parse_interval
+from kerb_jupyter.sql.query import QueryOptions
 
 
 @pytest.fixture
@@ -282,7 +282,7 @@ def test_without_pyarrow_dataframe_keeps_the_row_path_and_the_rest_says_why(shel
 
     import kerb_jupyter
 
-    for name in ("pyarrow", "kerb_jupyter.arrow", "kerb_jupyter.export"):
+    for name in ("pyarrow", "kerb_jupyter.sql.arrow", "kerb_jupyter.sql.export"):
         monkeypatch.setitem(sys.modules, name, None)  # as if pyarrow were not installed
         monkeypatch.delattr(kerb_jupyter, name.rpartition(".")[2], raising=False)
     df = run(shell, "%kerbsql analytics --dataframe SELECT 1 AS x, 'a' AS y")

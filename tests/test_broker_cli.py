@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kerb_jupyter.config import load_settings
-from kerb_jupyter.db import Session
-from kerb_jupyter.sources import build_source
+from kerb_jupyter.core.config import load_settings
+from kerb_jupyter.server.sources import build_source
+from kerb_jupyter.sql.db import Session
 
 
 def test_sandbox_broker_serves_alice_without_a_secret_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -78,7 +78,7 @@ def test_broker_refuses_to_start_with_a_rule_trusting_a_caller_chosen_name(tmp_p
     ({"url": "https://b", "audience": "a", "region": "r", "ca_bundle": "/nonexistent.pem"}, "ca_bundle"),
 ])
 def test_broker_source_settings_are_checked(spec: dict[str, object], match: str) -> None:
-    from kerb_jupyter.errors import ConfigError
+    from kerb_jupyter.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=match):
         build_source({"type": "broker", **spec})
@@ -88,7 +88,7 @@ def test_the_broker_imports_no_server_or_kernel_code() -> None:
     code = (
         "import sys, kerb_jupyter.broker.app, kerb_jupyter.broker.issue, kerb_jupyter.broker.groups;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jupyter_server', 'IPython', 'ipykernel')"
-        " or m in ('kerb_jupyter.magic', 'kerb_jupyter.handlers', 'kerb_jupyter.app'));"
+        " or m in ('kerb_jupyter.magic', 'kerb_jupyter.server.handlers', 'kerb_jupyter.server.app'));"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

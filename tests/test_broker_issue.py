@@ -11,11 +11,11 @@ from pathlib import Path
 import krb5
 import pytest
 
-from kerb_jupyter import tickets
 from kerb_jupyter.broker.ccache import rewrite_creds
 from kerb_jupyter.broker.issue import Issuer, spn_key
 from kerb_jupyter.broker.kdcerrors import KDC_ERRORS, OUTAGES, kdc_error
-from kerb_jupyter.errors import CredentialsRejectedError, IdentityError, KdcUnreachableError, TicketError
+from kerb_jupyter.core import tickets
+from kerb_jupyter.core.errors import CredentialsRejectedError, IdentityError, KdcUnreachableError, TicketError
 from kerb_jupyter.sandbox.ldap import LdapRealm
 from kerb_jupyter.sandbox.realm import Realm
 

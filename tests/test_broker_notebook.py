@@ -19,15 +19,15 @@ import yaml
 from helpers import KernelSession, start_extensions, wait_keeper
 from openapi_schema_validator import OAS30Validator
 
-from kerb_jupyter import tickets
-from kerb_jupyter.config import load_settings
-from kerb_jupyter.db import Session
-from kerb_jupyter.errors import KdcUnreachableError, TicketError
-from kerb_jupyter.keeper import TicketKeeper
+from kerb_jupyter.core import tickets
+from kerb_jupyter.core.config import load_settings
+from kerb_jupyter.core.errors import KdcUnreachableError, TicketError
 from kerb_jupyter.sandbox.broker import BrokerSandbox
 from kerb_jupyter.sandbox.procs import find_binary
 from kerb_jupyter.sandbox.realm import Realm
-from kerb_jupyter.sources import build_source
+from kerb_jupyter.server.keeper import TicketKeeper
+from kerb_jupyter.server.sources import build_source
+from kerb_jupyter.sql.db import Session
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ async def test_kerbsql_as_alice_on_two_clusters_with_no_secret_of_hers(
         assert kernel.run("print(list(r.rows[0]))").stdout.strip() == \
             f"['{notebook.principal}', True, '{cluster}']"
     status = json.loads((await jp_fetch("kerb-jupyter", "api", "status")).body)
-    spec = yaml.safe_load(files("kerb_jupyter").joinpath("openapi.yaml").read_text())
+    spec = yaml.safe_load(files("kerb_jupyter.server").joinpath("openapi.yaml").read_text())
     OAS30Validator({"$ref": "#/components/schemas/Status", "components": spec["components"]}).validate(status)
     assert status["source"] == f"broker {notebook.broker_url}" and status["principal"] == notebook.principal
     assert set(status["granted"]) == {notebook.spn("analytics"), notebook.spn("finance")}
@@ -258,8 +258,8 @@ async def test_partial_grants_end_to_end(kernel: KernelSession, notebook: Broker
     then the delegation restored, with the keeper asking again by itself."""
     from test_status_page import status_page
 
-    from kerb_jupyter.brokersource import REASON_CODES
     from kerb_jupyter.cli import main
+    from kerb_jupyter.server.brokersource import REASON_CODES
 
     broker = "broker/localhost"
     keeper = jp_serverapp.extension_manager.extension_points["kerb_jupyter"].app.keeper
@@ -273,7 +273,7 @@ async def test_partial_grants_end_to_end(kernel: KernelSession, notebook: Broker
         assert refusal["reason"] == "service_not_allowed" and "\n" not in refusal["message"], refusal
         # api/status, as documented
         code, status = await _call(jp_fetch, "status")
-        spec = yaml.safe_load(files("kerb_jupyter").joinpath("openapi.yaml").read_text())
+        spec = yaml.safe_load(files("kerb_jupyter.server").joinpath("openapi.yaml").read_text())
         OAS30Validator({"$ref": "#/components/schemas/Status", "components": spec["components"]}).validate(status)
         assert status["refused"] == {"finance": refusal} and set(status["granted"]) == {notebook.spn("analytics")}
         # the cluster check says why, 409 rather than a raw GSS error
@@ -322,7 +322,7 @@ async def test_partial_grants_end_to_end(kernel: KernelSession, notebook: Broker
 
 
 def test_refusals_from_the_broker_are_checked_where_they_enter() -> None:
-    from kerb_jupyter.brokersource import describe_refused, parse_refused
+    from kerb_jupyter.server.brokersource import describe_refused, parse_refused
 
     assert parse_refused(None) == {} and parse_refused(["finance"]) == {}
     got = parse_refused({

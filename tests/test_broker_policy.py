@@ -15,7 +15,7 @@ from kerb_jupyter.broker.auth import parse_arn
 from kerb_jupyter.broker.groups import Membership
 from kerb_jupyter.broker.policy import Decision, Denied, Policy, parse_policy
 from kerb_jupyter.broker.settings import PolicyHolder, load_broker_settings, parse_broker_settings
-from kerb_jupyter.errors import ConfigError
+from kerb_jupyter.core.errors import ConfigError
 
 CLUSTERS = {"analytics": "postgres/db1.kerb.test@KERB.TEST", "finance": "postgres/db2.kerb.test@KERB.TEST"}
 SSO = "arn:aws:sts::123456789012:assumed-role/AWSReservedSSO_DataScientists_0a1b/alice"

@@ -14,10 +14,10 @@ from brokerservice import audited, creds, outcomes, payload, post, variant
 from kerb_jupyter.broker.app import Broker, Refused
 from kerb_jupyter.broker.audit import AuditLog, read_records
 from kerb_jupyter.broker.settings import load_broker_settings
-from kerb_jupyter.brokersource import build_broker_source
-from kerb_jupyter.errors import ConfigError, CredentialsRejectedError, KdcUnreachableError
+from kerb_jupyter.core.errors import ConfigError, CredentialsRejectedError, KdcUnreachableError
 from kerb_jupyter.sandbox.broker import AUDIENCE, BrokerSandbox
 from kerb_jupyter.sandbox.sts import REGION, SSO_ROLE
+from kerb_jupyter.server.brokersource import build_broker_source
 
 pytestmark = pytest.mark.usefixtures("bsb_krb5")  # the shared broker sandbox (conftest: bsb)
 

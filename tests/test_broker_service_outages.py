@@ -15,7 +15,7 @@ from kerb_jupyter.broker.app import Broker, Refused
 from kerb_jupyter.broker.audit import read_records
 from kerb_jupyter.broker.settings import load_broker_settings
 from kerb_jupyter.broker.store import MemoryStore, StoreUnavailable
-from kerb_jupyter.errors import CredentialsRejectedError, KdcUnreachableError, TicketError
+from kerb_jupyter.core.errors import CredentialsRejectedError, KdcUnreachableError, TicketError
 from kerb_jupyter.sandbox.broker import BrokerSandbox
 
 pytestmark = pytest.mark.usefixtures("bsb_krb5")  # the shared broker sandbox (conftest: bsb)

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from kerb_jupyter.broker.store import MemoryStore, StoreUnavailable, make_store
-from kerb_jupyter.errors import ConfigError
+from kerb_jupyter.core.errors import ConfigError
 
 
 class Clock:

@@ -16,9 +16,9 @@ import pytest
 from conftest import kerbsql_shell, write_config
 from test_values import QUERY, table, ticket  # noqa: F401  # the all-types table and its fixtures
 
-from kerb_jupyter import arrow, copystream
-from kerb_jupyter.errors import ConfigError
-from kerb_jupyter.query import QueryOptions
+from kerb_jupyter.core.errors import ConfigError
+from kerb_jupyter.sql import arrow, copystream
+from kerb_jupyter.sql.query import QueryOptions
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from nbclient import NotebookClient
 nb = nbformat.read(sys.argv[1], as_version=4)
 os.environ.update(json.load(open(sys.argv[3]))["env"])
 if sys.argv[4] == "server":  # what the server extension exports to the kernels it starts
-    from kerb_jupyter.config import load_settings
+    from kerb_jupyter.core.config import load_settings
     os.environ["KRB5CCNAME"] = f"FILE:{load_settings().cache_path}"
 client = NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
                         resources={"metadata": {"path": os.environ["HOME"]}})

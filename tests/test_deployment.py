@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from kerb_jupyter import ConfigError, tickets
+from kerb_jupyter import ConfigError
 from kerb_jupyter.cli import krb5_conf
-from kerb_jupyter.config import load_settings
+from kerb_jupyter.core import tickets
+from kerb_jupyter.core.config import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = [*sorted((ROOT / "lifecycle").glob("*.sh")), ROOT / "binder" / "start", ROOT / "binder" / "postBuild",
@@ -89,7 +90,7 @@ def test_studio_script_writes_a_private_configuration(tmp_path):
     assert settings.source == {"type": "secretsmanager_keytab", "secret_id": "kerberos/keytabs/{user}"}
     assert settings.cluster("analytics").host.endswith(".rds.amazonaws.com")
     assert str(settings.state_dir).startswith("/dev/shm/kerb_jupyter-")  # tmpfs: XDG_RUNTIME_DIR is unset
-    from kerb_jupyter.mapping import map_identity
+    from kerb_jupyter.core.mapping import map_identity
     assert map_identity("Alice@example.com", settings.mapping) == "alice@CORP.EXAMPLE.COM"
     conf = (home / ".kerb_jupyter" / "krb5.conf").read_text()
     assert "kdc = dc1.corp.example.com" in conf and "dns_canonicalize_hostname = false" in conf
@@ -128,7 +129,7 @@ def test_krb5_conf_for_ad_with_a_trusted_realm(tmp_path):
     assert "admin_server = dc2.corp.example.com" in conf and "kpasswd_server = dc2.corp.example.com" in conf
     assert "permitted_enctypes = aes256-cts-hmac-sha1-96 aes128-cts-hmac-sha1-96" in conf
     assert "[capaths]" in conf and "kdc = kdc2.onprem.example" in conf
-    from kerb_jupyter.krbprobe import parse_krb5_conf
+    from kerb_jupyter.doctor.krbprobe import parse_krb5_conf
     (tmp_path / "krb5.conf").write_text(conf)
     parsed = parse_krb5_conf(tmp_path / "krb5.conf")
     assert parsed.realms["ONPREM.EXAMPLE"]["kdc"] == ["kdc1.onprem.example", "kdc2.onprem.example"]

@@ -13,13 +13,13 @@ import pytest
 from conftest import wait_for, write_config
 from helpers import KernelSession, doctor, krb5_conf_copy, start_extensions, statuses, wait_keeper
 
-from kerb_jupyter import tickets
 from kerb_jupyter.cli import main
-from kerb_jupyter.doctor import INSTALL_RECORD, run_doctor
-from kerb_jupyter.doctor_checks import find_servers
-from kerb_jupyter.keeper import TicketKeeper
+from kerb_jupyter.core import tickets
+from kerb_jupyter.doctor.checks import find_servers
+from kerb_jupyter.doctor.run import INSTALL_RECORD, run_doctor
 from kerb_jupyter.sandbox.procs import free_port
-from kerb_jupyter.sources import KeytabSource
+from kerb_jupyter.server.keeper import TicketKeeper
+from kerb_jupyter.server.sources import KeytabSource
 
 HOST_CHECKS = ["config", "krb5_conf", "dns", "kdc", "kpasswd", "clock", "identity", "source", "ticket", "keeper",
                "extension"]

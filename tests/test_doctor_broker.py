@@ -9,10 +9,10 @@ import pytest
 from conftest import wait_for
 from helpers import doctor, krb5_conf_copy, statuses
 
-from kerb_jupyter.keeper import TicketKeeper
 from kerb_jupyter.sandbox.broker import AUDIENCE
 from kerb_jupyter.sandbox.procs import free_port
 from kerb_jupyter.sandbox.sts import REGION
+from kerb_jupyter.server.keeper import TicketKeeper
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def bsb(tmp_path_factory):
 
 def broker_keeper_step(bsb):
     """What the server's keeper does first with a broker source: ask the broker, fill the cache and state.json."""
-    from kerb_jupyter.config import load_settings
-    from kerb_jupyter.sources import build_source
+    from kerb_jupyter.core.config import load_settings
+    from kerb_jupyter.server.sources import build_source
 
     settings = load_settings(bsb.config_file)
     source = build_source(settings.source)

@@ -13,8 +13,8 @@ import pytest
 from helpers import run
 from test_kernel_magic import kernel  # noqa: F401  # the fixture: a real kernel started by a real server
 
-from kerb_jupyter import arrow, export
-from kerb_jupyter.query import QueryOptions
+from kerb_jupyter.sql import arrow, export
+from kerb_jupyter.sql.query import QueryOptions
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".arrow", ".csv"])

@@ -6,7 +6,7 @@ import pytest
 from conftest import kerbsql_shell, write_config
 from IPython.core.error import UsageError
 
-from kerb_jupyter import tickets
+from kerb_jupyter.core import tickets
 from kerb_jupyter.magic import parse_timeout
 
 

@@ -14,9 +14,9 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 from kerb_jupyter import ConfigError, IdentityError
-from kerb_jupyter.config import parse_settings
-from kerb_jupyter.identity import IdentityResolver
-from kerb_jupyter.mapping import map_identity
+from kerb_jupyter.core.config import parse_settings
+from kerb_jupyter.core.identity import IdentityResolver
+from kerb_jupyter.core.mapping import map_identity
 
 REGION = "us-east-1"
 

@@ -26,7 +26,7 @@ import pytest
 from unprivileged import ROOT, user_python
 
 from kerb_jupyter import IdentityError
-from kerb_jupyter.identity import IdentityResolver
+from kerb_jupyter.core.identity import IdentityResolver
 from kerb_jupyter.sandbox.procs import free_port
 
 HUB_CONFIG = ROOT / "jupyterhub" / "jupyterhub_config.py"

@@ -17,9 +17,9 @@ import pytest
 from helpers import keeper_for
 from moto import mock_aws
 
-from kerb_jupyter import tickets
-from kerb_jupyter.keeper import TicketKeeper
-from kerb_jupyter.sources import ExistingCacheSource, KeytabSource, SecretsManagerSource
+from kerb_jupyter.core import tickets
+from kerb_jupyter.server.keeper import TicketKeeper
+from kerb_jupyter.server.sources import ExistingCacheSource, KeytabSource, SecretsManagerSource
 
 
 def connect(sandbox, cluster: str = "analytics") -> psycopg.Connection:
@@ -249,7 +249,7 @@ def test_password_from_secrets_manager_never_reaches_logs_or_state(sandbox, cach
 def test_clock_skew_against_the_kdc_is_reported(sandbox, cache, caplog):
     # The injected clock is this machine's clock running 2 minutes fast; the KDC stamps real time.
     keeper = keeper_for(sandbox, cache, clock=lambda: time.time() + 120)
-    with caplog.at_level(logging.WARNING, logger="kerb_jupyter.keeper"):
+    with caplog.at_level(logging.WARNING, logger="kerb_jupyter.server.keeper"):
         keeper.step()
     assert keeper.state.state == "valid"
     assert -125 < keeper.state.clock_skew < -115
@@ -261,7 +261,7 @@ def test_a_foreign_ticket_in_the_shared_cache_is_replaced_with_a_warning(sandbox
     keeper.step()
     bob, _, bob_keytab = extra_principals["bob"]
     tickets.acquire_with_keytab(bob, bob_keytab, cache)  # someone ran kinit into the shared cache
-    with caplog.at_level(logging.WARNING, logger="kerb_jupyter.keeper"):
+    with caplog.at_level(logging.WARNING, logger="kerb_jupyter.server.keeper"):
         keeper.step()
     assert tickets.read_cache(cache).principal == sandbox.principal
     [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -10,7 +10,8 @@ import os
 import pytest
 from helpers import keeper_for
 
-from kerb_jupyter import CacheError, NoTicketError, tickets
+from kerb_jupyter import CacheError, NoTicketError
+from kerb_jupyter.core import tickets
 
 
 @pytest.mark.parametrize("damage", ["empty", "corrupt", "mode", "owner"])
@@ -69,7 +70,7 @@ def test_an_unexpected_error_is_an_error_state_not_a_dead_task(sandbox, cache, c
         await keeper.stop()
         return keeper, alive, again
 
-    with caplog.at_level(logging.ERROR, logger="kerb_jupyter.keeper"):
+    with caplog.at_level(logging.ERROR, logger="kerb_jupyter.server.keeper"):
         keeper, alive, again = asyncio.run(scenario())
     assert alive and keeper.source.calls == 2
     assert again.last_error["code"] == "internal_error"

@@ -14,9 +14,9 @@ from decimal import Decimal
 import pytest
 from conftest import kerbsql_shell, write_config
 
-from kerb_jupyter import tickets
-from kerb_jupyter.results import ResultSet
+from kerb_jupyter.core import tickets
 from kerb_jupyter.sandbox.procs import free_port
+from kerb_jupyter.sql.results import ResultSet
 
 
 @pytest.fixture
@@ -199,8 +199,8 @@ def test_audit_log_has_one_record_per_statement_and_no_values(shell, tmp_path):
 def test_sqlalchemy_engine_with_pandas(shell, sandbox):
     import pandas as pd
 
-    from kerb_jupyter import db
-    from kerb_jupyter.config import load_settings
+    from kerb_jupyter.core.config import load_settings
+    from kerb_jupyter.sql import db
 
     engine = db.sqlalchemy_engine(load_settings(), "finance")
     df = pd.read_sql("SELECT current_user AS who, count(*) AS n FROM trips", engine)

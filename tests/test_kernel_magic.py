@@ -71,7 +71,7 @@ async def test_unknown_cluster_is_one_clear_line(kernel):
 
 def test_kernel_side_does_not_import_jupyter_server():
     code = (
-        "import sys, kerb_jupyter, kerb_jupyter.magic, kerb_jupyter.db;"
+        "import sys, kerb_jupyter, kerb_jupyter.magic, kerb_jupyter.sql.db;"
         "assert 'jupyter_server' not in sys.modules, 'jupyter_server imported';"
         "assert 'tornado' not in sys.modules, 'tornado imported'"
     )
@@ -90,7 +90,7 @@ async def test_kerbstatus_in_the_kernel(kernel, sandbox):
 
 
 def test_cli_status(sandbox, tmp_path):
-    from kerb_jupyter import tickets
+    from kerb_jupyter.core import tickets
 
     cache = tmp_path / "cc" / "krb5cc"
     tickets.acquire_with_keytab(sandbox.principal, sandbox.keytab, cache)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import kerb_jupyter
-from kerb_jupyter import errors
+from kerb_jupyter.core import errors
 
 
 def test_all_is_the_error_tree_and_the_version():

@@ -14,7 +14,7 @@ import redis
 
 from kerb_jupyter.broker.redis_store import RedisStore
 from kerb_jupyter.broker.store import StoreUnavailable, make_store
-from kerb_jupyter.errors import ConfigError
+from kerb_jupyter.core.errors import ConfigError
 from kerb_jupyter.sandbox.procs import free_port
 from kerb_jupyter.sandbox.redis_server import RedisServer, random_password
 

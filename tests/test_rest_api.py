@@ -16,10 +16,10 @@ from jupyter_server.auth import Authorizer
 from openapi_schema_validator import OAS30Validator
 from tornado.httpclient import HTTPClientError
 
-from kerb_jupyter.handlers import handlers
 from kerb_jupyter.sandbox.procs import free_port
+from kerb_jupyter.server.handlers import handlers
 
-SPEC = yaml.safe_load(files("kerb_jupyter").joinpath("openapi.yaml").read_text())
+SPEC = yaml.safe_load(files("kerb_jupyter.server").joinpath("openapi.yaml").read_text())
 
 
 def conforms(path: str, method: str, status: int, body: dict) -> None:

@@ -18,13 +18,13 @@ import psycopg
 import pytest
 from conftest import kerbsql_shell
 
-from kerb_jupyter import tickets
 from kerb_jupyter.cli import main
-from kerb_jupyter.doctor import run_doctor
-from kerb_jupyter.errors import CredentialsRejectedError, TicketExpiredError
-from kerb_jupyter.keeper import TicketKeeper
+from kerb_jupyter.core import tickets
+from kerb_jupyter.core.errors import CredentialsRejectedError, TicketExpiredError
+from kerb_jupyter.doctor.run import run_doctor
 from kerb_jupyter.sandbox.samba import PLAN
-from kerb_jupyter.sources import KeytabSource
+from kerb_jupyter.server.keeper import TicketKeeper
+from kerb_jupyter.server.sources import KeytabSource
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -91,7 +91,7 @@ def _listeners() -> dict[tuple[str, int], set[str]]:
 
 
 def test_a_second_dc_on_a_taken_address_fails_at_once_and_says_why(ad, tmp_path):
-    from kerb_jupyter.errors import SandboxError
+    from kerb_jupyter.core.errors import SandboxError
     from kerb_jupyter.sandbox.samba import SambaAD
 
     started = time.monotonic()
@@ -102,7 +102,7 @@ def test_a_second_dc_on_a_taken_address_fails_at_once_and_says_why(ad, tmp_path)
 
 
 def test_samba_tool_errors_carry_its_words_and_no_password(ad):
-    from kerb_jupyter.errors import SandboxError
+    from kerb_jupyter.core.errors import SandboxError
 
     dc = ad.ad
     with pytest.raises(SandboxError, match="samba-tool user show failed") as err:

@@ -16,7 +16,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from kerb_jupyter import SandboxError, tickets
+from kerb_jupyter import SandboxError
+from kerb_jupyter.core import tickets
 from kerb_jupyter.sandbox import Realm, Sandbox, procs
 
 

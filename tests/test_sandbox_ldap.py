@@ -15,10 +15,10 @@ import pytest
 
 from kerb_jupyter import SandboxError
 from kerb_jupyter.broker.issue import Issuer
-from kerb_jupyter.brokersource import store_cache
 from kerb_jupyter.sandbox import Postgres
 from kerb_jupyter.sandbox.ldap import LdapRealm
 from kerb_jupyter.sandbox.procs import port_is_free
+from kerb_jupyter.server.brokersource import store_cache
 
 BROKER = "HTTP/broker.localhost"
 PG = "postgres/localhost"

@@ -19,12 +19,14 @@ from helpers import start_extensions, wait_state
 from moto import mock_aws
 from tornado.httpclient import HTTPClientError
 
-from kerb_jupyter import ConfigError, CredentialsRejectedError, IdentityError, audit, db, tickets
-from kerb_jupyter.config import FORBIDDEN_OPTIONS, parse_settings
-from kerb_jupyter.identity import IdentityResolver
-from kerb_jupyter.keeper import TicketKeeper
-from kerb_jupyter.mapping import map_identity
-from kerb_jupyter.sources import ExistingCacheSource, KeytabSource, SecretsManagerSource
+from kerb_jupyter import ConfigError, CredentialsRejectedError, IdentityError
+from kerb_jupyter.core import tickets
+from kerb_jupyter.core.config import FORBIDDEN_OPTIONS, parse_settings
+from kerb_jupyter.core.identity import IdentityResolver
+from kerb_jupyter.core.mapping import map_identity
+from kerb_jupyter.server.keeper import TicketKeeper
+from kerb_jupyter.server.sources import ExistingCacheSource, KeytabSource, SecretsManagerSource
+from kerb_jupyter.sql import audit, db
 
 OTHER_UID = 65534  # nobody: the hostile neighbour
 

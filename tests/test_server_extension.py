@@ -11,7 +11,7 @@ import pytest
 from helpers import start_extensions, wait_state
 from tornado.httpclient import HTTPClientError
 
-from kerb_jupyter import tickets
+from kerb_jupyter.core import tickets
 
 
 async def test_extension_loads_and_gets_a_ticket(jp_serverapp, jp_fetch, sandbox, kj_config):
@@ -131,7 +131,7 @@ async def test_an_invalid_setting_is_reported_and_the_extension_still_loads(
     ext = extension(app)
     assert ext.keeper is None
     await start_extensions(app)
-    from kerb_jupyter.handlers import status_doc
+    from kerb_jupyter.server.handlers import status_doc
 
     doc = status_doc(ext)
     assert doc["state"] == "error" and doc["last_error"]["code"] == "config_error"

@@ -38,7 +38,7 @@ from pgvalues import (
     same,
 )
 
-from kerb_jupyter import tickets
+from kerb_jupyter.core import tickets
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +184,8 @@ def test_empty_results_name_their_types_with_modifiers(shell, table, expected):
 def test_type_names_are_looked_up_once_per_connection(sandbox, ticket, table, tmp_path, monkeypatch):
     """The arrow path's entry point: built-in names come with the connection's set-up, a user type costs one
     query the first time only (counted in libpq's own protocol trace)."""
-    from kerb_jupyter import db, pgtypes
-    from kerb_jupyter.config import ClusterConfig
+    from kerb_jupyter.core.config import ClusterConfig
+    from kerb_jupyter.sql import db, pgtypes
 
     monkeypatch.setenv("KRB5CCNAME", f"FILE:{ticket}")
     cluster = ClusterConfig(name="analytics", **sandbox.cluster_config("analytics"))

@@ -23,8 +23,8 @@ from test_values import QUERY, shell, table, ticket  # noqa: F401  # the module'
 from test_values_arrow import ISO, check_cell, in_zone, run, want
 from traitlets import TraitError
 
-from kerb_jupyter.arrowtext import INTERVAL_PARTS
-from kerb_jupyter.arrowtypes import Decoder, plan_column
+from kerb_jupyter.sql.arrowtext import INTERVAL_PARTS
+from kerb_jupyter.sql.arrowtypes import Decoder, plan_column
 
 ZONE = "Asia/Kathmandu"
 

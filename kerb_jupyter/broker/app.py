@@ -24,7 +24,7 @@ import tornado.httpserver
 import tornado.web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from ..errors import CredentialsRejectedError, IdentityError, KdcUnreachableError, KerbJupyterError, TicketError
+from ..core.errors import CredentialsRejectedError, IdentityError, KdcUnreachableError, KerbJupyterError, TicketError
 from .audit import OUTAGES, AuditLog, OutageLog
 from .auth import AuthError, Caller, check_request, parse_caller, parse_payload
 from .groups import GroupDirectory

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import files
-from ..errors import ConfigError
+from ..core import files
+from ..core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from ..errors import KerbJupyterError
+from ..core.errors import KerbJupyterError
 
 AUDIENCE_HEADER = "x-kerb-jupyter-audience"
 NONCE_HEADER = "x-kerb-jupyter-nonce"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from ..errors import TicketError
+from ..core.errors import TicketError
 
 
 def _counted(data: bytes) -> bytes:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError, KerbJupyterError
+from ..core.errors import ConfigError, KerbJupyterError
 from .store import Store
 
 log = logging.getLogger(__name__)

@@ -41,8 +41,8 @@ import gssapi
 import krb5
 from gssapi.raw.misc import GSSError
 
-from ..errors import CredentialsRejectedError, IdentityError, KdcUnreachableError, TicketError
-from ..tickets import KDC_UNREACHABLE
+from ..core.errors import CredentialsRejectedError, IdentityError, KdcUnreachableError, TicketError
+from ..core.tickets import KDC_UNREACHABLE
 from .ccache import build_cache, rewrite_creds
 from .kdcerrors import (
     BROKER_KEY,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..tickets import KDC_UNREACHABLE
+from ..core.tickets import KDC_UNREACHABLE
 
 # Refusal reasons (permanent: the notebook shows them and does not retry).
 USER_NOT_DELEGABLE = "user_not_delegable"

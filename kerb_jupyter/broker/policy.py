@@ -8,7 +8,7 @@
         "max_lifetime": 3600}]}
 
 The first rule whose account, role and session patterns match the caller decides; no match is a refusal.
-``identity_from`` names the ARN part fed to the mapping rules (kerb_jupyter.mapping). A rule whose identity
+``identity_from`` names the ARN part fed to the mapping rules (kerb_jupyter.core.mapping). A rule whose identity
 is a part the caller chooses (a session name outside IAM Identity Center, any part under a wildcard account)
 is refused at load unless it says ``"trust_caller_chosen": true``. Hours are UTC.
 """
@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError, IdentityError, KerbJupyterError
-from ..mapping import map_identity, validate_spec
+from ..core.errors import ConfigError, IdentityError, KerbJupyterError
+from ..core.mapping import map_identity, validate_spec
 from .auth import Caller
 from .groups import Membership
 
@@ -180,7 +180,7 @@ def _rule(raw: Any, no: int, clusters: dict[str, str]) -> Rule:
         if key in raw and not isinstance(raw[key], str):
             raise ConfigError(f"{where}: '{key}' must be a string")
     if not isinstance(raw["mapping"], dict) or not isinstance(raw["mapping"].get("rules"), list):
-        raise ConfigError(f"{where}: 'mapping' must be an object with a 'rules' list (see kerb_jupyter.mapping)")
+        raise ConfigError(f"{where}: 'mapping' must be an object with a 'rules' list (see kerb_jupyter.core.mapping)")
     validate_spec(raw["mapping"], where)  # an uncompilable regex, an unknown field: refused here, not per request
     names = _names(raw.get("clusters", []), where + ".clusters", clusters)
     groups_raw = raw.get("groups", {})

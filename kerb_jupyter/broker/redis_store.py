@@ -25,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .store import StoreUnavailable
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .groups import LdapSettings, parse_ldap
 from .policy import Policy, parse_policy
 

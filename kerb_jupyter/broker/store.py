@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from ..errors import ConfigError, KerbJupyterError
+from ..core.errors import ConfigError, KerbJupyterError
 
 
 class StoreUnavailable(KerbJupyterError):

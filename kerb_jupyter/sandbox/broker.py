@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import SandboxError
+from ..core.errors import SandboxError
 from . import DEMO_SQL, BaseSandbox, write_json
 from .ldap import LdapRealm
 from .postgres import Postgres

@@ -9,7 +9,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..errors import SandboxError
+from ..core.errors import SandboxError
 from .procs import Daemon, alive, claim_port, find_binary, free_port, port_is_free, start_daemon, tail
 from .realm import MASTER_PASSWORD, Realm
 

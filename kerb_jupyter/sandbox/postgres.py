@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import SandboxError
+from ..core.errors import SandboxError
 from .procs import claim_port, find_binary, tail
 
 PG_PACKAGES = "postgresql"

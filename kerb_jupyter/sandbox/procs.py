@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..errors import SandboxError
+from ..core.errors import SandboxError
 
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 

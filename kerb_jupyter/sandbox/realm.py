@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ..errors import SandboxError
+from ..core.errors import SandboxError
 from .procs import Daemon, alive, claim_port, find_binary, port_is_free, start_daemon, tail, wait_port_free
 
 KDC_PACKAGES = "krb5-kdc krb5-admin-server krb5-user"

@@ -57,7 +57,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..errors import SandboxError
+from ..core.errors import SandboxError
 from .adplan import PLAN, DirectoryPlan, UserPlan
 from .procs import alive, find_binary, group_alive, port_is_free, read_log, signal_group, tail, wait_for_port
 from .sambafiles import BATCH, krb5_conf, scrub, smb_conf, write_tls

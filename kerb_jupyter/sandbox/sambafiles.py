@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import SandboxError
+from ..core.errors import SandboxError
 from .procs import find_binary, tail
 
 

@@ -21,11 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import db, tickets
-from .brokersource import describe_refused, parse_refused
-from .config import Settings, load_settings
-from .doctor_checks import Check, broker_check, cluster_checks, find_servers, server_check
-from .errors import KerbJupyterError
+from ..core import tickets
+from ..core.config import Settings, load_settings
+from ..core.errors import KerbJupyterError
+from ..server.brokersource import describe_refused, parse_refused
+from ..sql import db
+from .checks import Check, broker_check, cluster_checks, find_servers, server_check
 from .krbprobe import KRB_ERROR_NAMES, Krb5Conf, krb5_conf_path, parse_krb5_conf, probe_kdc, split_host_port, tcp_open
 
 INSTALL_RECORD = "kerb_jupyter_install.json"
@@ -198,8 +199,8 @@ class Doctor:
             self.add("identity", "fail", "no principal and no identity/mapping rules in the configuration",
                      "set 'principal', or 'identity' + 'mapping' (README 'Identity mapping')")
             return
-        from .identity import IdentityResolver
-        from .mapping import map_identity
+        from ..core.identity import IdentityResolver
+        from ..core.mapping import map_identity
 
         try:
             who = IdentityResolver(s.identity).resolve()

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import files, tickets
-from .errors import CacheError, ConfigError, CredentialsRejectedError, KdcUnreachableError, SourceError
-from .tickets import TicketInfo
+from ..core import files, tickets
+from ..core.errors import CacheError, ConfigError, CredentialsRejectedError, KdcUnreachableError, SourceError
+from ..core.tickets import TicketInfo
 
 ClientFactory = Callable[..., Any]
 
@@ -231,6 +231,6 @@ def build_source(spec: dict[str, Any], client_factory: ClientFactory | None = No
         from .brokersource import build_broker_source
 
         return build_broker_source(spec)
-    from .checks import SOURCE_TYPES
+    from ..core.checks import SOURCE_TYPES
 
     raise ConfigError(f"source.type {kind!r:.40} is not one of: {', '.join(SOURCE_TYPES)}")

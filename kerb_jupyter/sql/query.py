@@ -14,11 +14,11 @@ from typing import Any, cast
 import psycopg
 from psycopg import sql as pgsql
 
+from ..core.errors import ConfigError, DatabaseError
+from ..core.tagging import tag_statement
 from . import pgtypes
-from .errors import ConfigError, DatabaseError
 from .results import Column, ResultSet
 from .sqlparse import bind_names, code_words, first_keyword, refuse_nul_values, split_statements
-from .tagging import tag_statement
 
 CURSOR_NAME = "kerbsql"
 DECLARE_PREFIX = f'DECLARE "{CURSOR_NAME}" CURSOR FOR '  # how psycopg's ServerCursor wraps the query

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from ..core.errors import DatabaseError
 from .arrowtext import (
     SECONDS_OFFSET,
     BadValue,
@@ -34,7 +35,6 @@ from .arrowtext import (
     list_converter,
     timestamptz_converter,
 )
-from .errors import DatabaseError
 from .pgtext import cell_text
 
 # Built-in OIDs (stable across PostgreSQL versions): name, and what Arrow reads the CSV text as.

@@ -6,7 +6,7 @@ import os
 import random
 from typing import Any
 
-from .errors import KerbJupyterError
+from ..core.errors import KerbJupyterError
 from .sources import SecretsManagerSource, Source
 
 

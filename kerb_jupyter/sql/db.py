@@ -17,11 +17,11 @@ from typing import Any
 
 import psycopg
 
-from . import tickets
-from .brokersource import require_grant
-from .config import ClusterConfig, Settings
-from .errors import ConfigError, DatabaseError, KerbJupyterError, NoTicketError, TicketError, TicketExpiredError
-from .tagging import application_name
+from ..core import tickets
+from ..core.config import ClusterConfig, Settings
+from ..core.errors import ConfigError, DatabaseError, KerbJupyterError, NoTicketError, TicketError, TicketExpiredError
+from ..core.tagging import application_name
+from ..server.brokersource import require_grant
 
 
 def cache_path(settings: Settings | None = None) -> Path:

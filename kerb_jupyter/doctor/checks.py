@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import db, tickets
-from .brokersource import grant_problem
-from .config import ClusterConfig, Settings
-from .errors import KerbJupyterError
+from ..core import tickets
+from ..core.config import ClusterConfig, Settings
+from ..core.errors import KerbJupyterError
+from ..server.brokersource import grant_problem
+from ..sql import db
 from .krbprobe import Krb5Conf, tcp_open
 
 

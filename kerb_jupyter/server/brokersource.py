@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import files, tickets
-from .config import ClusterConfig
-from .errors import (
+from ..core import files, tickets
+from ..core.config import ClusterConfig
+from ..core.errors import (
     ConfigError,
     CredentialsRejectedError,
     IdentityError,
@@ -40,7 +40,7 @@ from .errors import (
     SourceError,
     TicketError,
 )
-from .tickets import TicketInfo
+from ..core.tickets import TicketInfo
 
 MAX_ANSWER = 1 << 20
 MAX_REFUSAL = 1 << 16  # a 403 listing every cluster refused, each with a one-line message
@@ -107,7 +107,7 @@ class BrokerSource:
         return resolve
 
     def _ask(self) -> dict[str, Any]:
-        from .broker.auth import sign_request
+        from ..broker.auth import sign_request
 
         creds = (self.credentials or _default_credentials(self.region))()
         if creds is None:

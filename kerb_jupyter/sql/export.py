@@ -22,9 +22,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..core.errors import ConfigError, KerbJupyterError
 from .arrowtext import interval_parts, with_interval_parts
 from .arrowtypes import Decoder
-from .errors import ConfigError, KerbJupyterError
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".arrow": "ipc", ".feather": "ipc", ".ipc": "ipc"}
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import files
+from ..core import files
 from .sqlparse import fingerprint_text
 
 TEXT_MAX = 300

@@ -13,12 +13,14 @@ from traitlets.config import Config
 from traitlets.config.application import Application
 from traitlets.config.loader import ConfigFileNotFound
 
-from . import __version__, checks, metrics
-from .config import ENV_CONFIG, Settings, default_config_path, load_settings, validate_principal
-from .errors import ConfigError, KerbJupyterError
+from .. import __version__
+from ..core import checks
+from ..core.config import ENV_CONFIG, Settings, default_config_path, load_settings, validate_principal
+from ..core.errors import ConfigError, KerbJupyterError
+from ..core.mapping import validate_spec as validate_mapping
+from . import metrics
 from .handlers import RateLimiter
 from .keeper import TicketKeeper
-from .mapping import validate_spec as validate_mapping
 from .sources import build_source
 
 ENV_ROOT_DIR = "KERB_JUPYTER_ROOT_DIR"  # the server's root_dir, for kernels' root-relative notebook tags
@@ -297,8 +299,8 @@ def _file_stamp(path: Path) -> tuple[Any, ...]:
 
 def make_resolver(settings: Settings) -> Callable[[], tuple[dict[str, Any], str]]:
     """Identity chain + mapping rules as one call the keeper makes (in a thread: AWS calls block)."""
-    from .identity import IdentityResolver
-    from .mapping import map_identity
+    from ..core.identity import IdentityResolver
+    from ..core.mapping import map_identity
 
     resolver = IdentityResolver(settings.identity)
 

@@ -24,8 +24,8 @@ from psycopg import pq
 from psycopg.adapt import AdaptersMap, Loader, Transformer
 from psycopg.types.string import TextLoader
 
+from ..core.tagging import tag_statement
 from .pgtext import ARRAY_ELEMENTS, FALLIBLE_OIDS, PYTHON_TYPES, TIME, TIMESTAMPTZ
-from .tagging import tag_statement
 
 __all__ = ["column_type_names", "load_rows", "prepare", "type_name", "type_names"]
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from . import db, tickets
-from .brokersource import parse_refused
+from ..server.brokersource import parse_refused
+from ..sql import db
+from . import tickets
 from .config import Settings
 from .errors import KerbJupyterError
 

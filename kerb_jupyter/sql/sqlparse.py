@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import DatabaseError
+from ..core.errors import DatabaseError
 
 _DOLLAR = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -20,9 +20,9 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
-from . import db
+from ..core.errors import KerbJupyterError, UnknownClusterError
+from ..sql import db
 from .brokersource import require_grant
-from .errors import KerbJupyterError, UnknownClusterError
 from .threads import in_daemon_thread
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class OpenAPIHandler(BaseHandler):
     @authorized
     def get(self) -> None:
         self.set_header("Content-Type", "application/yaml")
-        self.finish(files("kerb_jupyter").joinpath("openapi.yaml").read_text())
+        self.finish(files("kerb_jupyter.server").joinpath("openapi.yaml").read_text())
 
 
 class PageHandler(ExtensionHandlerMixin, JupyterHandler):
@@ -218,7 +218,7 @@ class PageHandler(ExtensionHandlerMixin, JupyterHandler):
     @web.authenticated
     @authorized
     def get(self) -> None:
-        page = files("kerb_jupyter").joinpath("static", "status.html").read_text()
+        page = files("kerb_jupyter.server").joinpath("static", "status.html").read_text()
         base = self.base_url.rstrip("/") + "/kerb-jupyter"
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-store")

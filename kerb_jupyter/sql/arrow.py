@@ -21,14 +21,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import errors as pgerrors
 
+from ..core.errors import ConfigError
+from ..core.tagging import tag_statement
 from .arrowtext import interval_parts, with_interval_parts
 from .arrowtypes import ColumnPlan, Decoder, PgType, lookup_sql, plan_column, unknown_oids
 from .copystream import BLOCK_BYTES, stream
-from .errors import ConfigError
 from .query import ConnectionLost, QueryOptions, Step, bind_step, format_db_error, plan_cell
 from .results import Column, ResultSet
 from .sqlparse import code_words, first_keyword
-from .tagging import tag_statement
 
 # Session settings that make COPY's text unambiguous for the parsers (restored afterwards). TimeZone stays the
 # session's: timestamptz text carries its offset, and fallbacks and ranges read as psql shows them there.

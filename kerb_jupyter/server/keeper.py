@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import files, pacing, tickets
-from .errors import (
+from ..core import files, tickets
+from ..core.errors import (
     CacheError,
     ConfigError,
     CredentialsRejectedError,
@@ -33,9 +33,10 @@ from .errors import (
     SourceError,
     TicketExpiredError,
 )
+from ..core.tickets import TicketInfo
+from . import pacing
 from .sources import SecretsManagerSource, Source
 from .threads import in_daemon_thread
-from .tickets import TicketInfo
 
 SKEW_WARNING = 60.0  # seconds between our clock and the KDC's before we say so
 MIT_RENEW_GRACE = 240.0  # MIT accepts renewing an expired ticket within its clock skew (300 s); AD never does

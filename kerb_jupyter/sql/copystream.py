@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pgerrors
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
 
 BLOCK_BYTES = 8 << 20  # CSV bytes per parsed block: big enough for pyarrow's threads, small enough to bound memory
 READER_ENV = "KERB_JUPYTER_COPY_READER"  # "auto" (default), "c" (the extension or an error), "python"
