@@ -92,7 +92,7 @@ class Brokers:
 async def load(urls: list[str], creds: list[Any], args: argparse.Namespace) -> dict[str, Any]:
     from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-    from kerb_jupyter.broker.auth import sign_request
+    from kerb_jupyter.core.signing import sign_request
     from kerb_jupyter.sandbox.broker import AUDIENCE
     from kerb_jupyter.sandbox.sts import REGION
 

@@ -11,7 +11,7 @@ from typing import Any
 from .core import errors as _errors
 from .core.errors import *  # noqa: F403  # the error tree is the package's public surface
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:

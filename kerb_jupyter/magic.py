@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import html
 import math
 import os
-import threading
-import time
 from collections import ChainMap
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,8 +34,10 @@ from traitlets import Bool, Enum, Float, Int
 
 from .core.config import Settings, default_config_path, load_settings
 from .core.errors import KerbJupyterError
-from .core.tagging import build_comment
+from .core.state import keeper_state
 from .sql import audit, db
+from .sql.origin import notebook_path, tag_comment
+from .sql.progress import Progress
 from .sql.query import ConnectionLost, QueryOptions, run_sql
 from .sql.results import ResultSet
 
@@ -264,7 +263,7 @@ class KerbSqlMagics(Magics):
         path = self.settings.audit_log
         if path is None:
             return None
-        identity = (db.keeper_state(self.settings) or {}).get("identity") or {}
+        identity = (keeper_state(self.settings) or {}).get("identity") or {}
 
         def observe(statement: str, result: ResultSet | None, error: BaseException | None, elapsed: float) -> None:
             outcome = "ok" if error is None else ("cancelled" if isinstance(error, KeyboardInterrupt) else
@@ -287,9 +286,9 @@ class KerbSqlMagics(Magics):
     def _comment(self, cluster: str, principal: str) -> str:
         if not self.settings.cluster(cluster).tagging:
             return ""
-        identity = (db.keeper_state(self.settings) or {}).get("identity") or {}
-        notebook = _notebook_path(os.environ.get("JPY_SESSION_NAME"), os.environ.get("KERB_JUPYTER_ROOT_DIR"))
-        return _tag_comment(principal, identity.get("arn") or identity.get("name"), notebook)
+        identity = (keeper_state(self.settings) or {}).get("identity") or {}
+        notebook = notebook_path(os.environ.get("JPY_SESSION_NAME"), os.environ.get("KERB_JUPYTER_ROOT_DIR"))
+        return tag_comment(principal, identity.get("arn") or identity.get("name"), notebook)
 
     def _list(self) -> ResultSet:
         from .sql.results import Column
@@ -298,109 +297,6 @@ class KerbSqlMagics(Magics):
         rs.columns = [Column(n, "text") for n in ("cluster", "host", "port", "dbname", "gssencmode")]
         rs.rows = [(c.name, c.host, c.port, c.dbname, c.gssencmode) for c in self.settings.clusters.values()]
         return rs
-
-
-class Progress:
-    """Shows "running on CLUSTER for N s" (updated each second) once a query has run ``after`` seconds.
-
-    One long-lived daemon thread per magics instance: a fast query costs two Event calls, not a thread start.
-    """
-
-    def __init__(self, after: float = 1.0) -> None:
-        self.after = after
-        self._cluster = ""
-        self._started = 0.0
-        self._busy = threading.Event()
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._handle: Any = None
-        self._thread: threading.Thread | None = None
-
-    def running(self, cluster: str) -> Progress:
-        """``with progress.running(cluster):`` around a query."""
-        self._cluster = cluster
-        return self
-
-    def __enter__(self) -> None:
-        if self.after <= 0:
-            return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._watch, name="kerbsql-progress", daemon=True)
-            self._thread.start()
-        self._started = time.monotonic()
-        self._done.clear()
-        self._busy.set()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.after <= 0 or self._thread is None:
-            return
-        self._busy.clear()
-        self._done.set()
-        if self._handle is not None:
-            with self._lock:  # wait for a tick in progress, then clear what it showed
-                if self._handle is not None:
-                    from IPython.display import HTML
-
-                    self._handle.update(HTML(""))
-                    self._handle = None
-
-    def _watch(self) -> None:
-        from IPython.display import HTML, display
-
-        while True:
-            self._busy.wait()
-            if self._done.wait(self.after):
-                continue
-            while not self._done.is_set():
-                with self._lock:
-                    if self._done.is_set():
-                        break
-                    took = time.monotonic() - self._started
-                    page = HTML(f"<small class='kerbsql-progress'>⏳ running on {html.escape(self._cluster)} for "
-                                f"{took:.0f} s (interrupt the kernel to cancel)</small>")
-                    if self._handle is None:
-                        self._handle = display(page, display_id=True)
-                    else:
-                        self._handle.update(page)
-                self._done.wait(1.0)
-
-
-@functools.lru_cache(maxsize=64)
-def _tag_comment(principal: str, aws_identity: str | None, notebook: str | None) -> str:
-    return build_comment({"app": "kerb_jupyter", "principal": principal, "aws_identity": aws_identity,
-                          "notebook": notebook, "kernel": _kernel_id()})
-
-
-@functools.lru_cache(maxsize=16)
-def _notebook_path(session_name: str | None, root_dir: str | None) -> str | None:
-    """The notebook's path relative to the server's root_dir, never the server's own file-system path.
-
-    Jupyter gives kernels ``JPY_SESSION_NAME`` as an absolute path; the kerb_jupyter server extension exports
-    its root_dir as ``KERB_JUPYTER_ROOT_DIR``. A path outside the root (or an unknown root) gives only the
-    file name; no session name (a kernel without a notebook) gives nothing."""
-    if not session_name:
-        return None
-    if not os.path.isabs(session_name):
-        return session_name.replace(os.sep, "/")
-    if root_dir and os.path.isabs(root_dir):
-        for name, root in ((session_name, root_dir), (os.path.realpath(session_name), os.path.realpath(root_dir))):
-            rel = os.path.relpath(name, root)
-            if rel != ".." and not rel.startswith(".." + os.sep):
-                return rel.replace(os.sep, "/")
-    return os.path.basename(session_name) or None
-
-
-@functools.cache
-def _kernel_id() -> str | None:
-    try:
-        from ipykernel import get_connection_file
-    except ImportError:
-        return None
-    try:
-        name = os.path.basename(get_connection_file())
-    except (RuntimeError, AttributeError):
-        return None
-    return name.removeprefix("kernel-").removesuffix(".json")
 
 
 _VALUE_OPTIONS = {"-o", "--out", "--limit", "--timeout", "--to"}

@@ -13,7 +13,7 @@ from botocore.credentials import Credentials
 
 from kerb_jupyter.broker.app import Broker, Refused
 from kerb_jupyter.broker.audit import read_records
-from kerb_jupyter.broker.auth import sign_request
+from kerb_jupyter.core.signing import sign_request
 from kerb_jupyter.sandbox.broker import AUDIENCE, BrokerSandbox
 from kerb_jupyter.sandbox.sts import REGION, SSO_ROLE
 

@@ -18,10 +18,10 @@ from helpers import KernelSession, start_extensions, wait_keeper
 
 from kerb_jupyter.core import tickets
 from kerb_jupyter.core.state import CredentialStatus, _clock
-from kerb_jupyter.magic import _notebook_path
 from kerb_jupyter.sandbox.realm import Realm
 from kerb_jupyter.server.keeper import TicketKeeper
 from kerb_jupyter.server.sources import KeytabSource
+from kerb_jupyter.sql.origin import notebook_path
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_status_cli_says_first_that_the_named_config_file_is_missing(tmp_path):
     ("", "/srv/nb", None),
 ])
 def test_notebook_tag_paths(session_name, root, tag):
-    assert _notebook_path(session_name, root) == tag
+    assert notebook_path(session_name, root) == tag
 
 
 async def test_notebook_tag_is_root_relative_in_a_real_kernel(jp_serverapp, jp_root_dir, sandbox):

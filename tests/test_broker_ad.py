@@ -19,10 +19,10 @@ import pytest
 from botocore.credentials import Credentials
 
 from kerb_jupyter.broker.audit import read_records
-from kerb_jupyter.broker.auth import sign_request
 from kerb_jupyter.broker.groups import GroupDirectory, parse_ldap
 from kerb_jupyter.broker.issue import Issuer
 from kerb_jupyter.broker.store import MemoryStore
+from kerb_jupyter.core.signing import sign_request
 from kerb_jupyter.sandbox import write_json
 from kerb_jupyter.sandbox.ad import ADSandbox
 from kerb_jupyter.sandbox.ldap import make_tls

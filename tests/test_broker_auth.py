@@ -17,16 +17,8 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from kerb_jupyter.broker.auth import (
-    AUDIENCE_HEADER,
-    NONCE_HEADER,
-    AuthError,
-    check_request,
-    parse_arn,
-    parse_caller,
-    parse_payload,
-    sign_request,
-)
+from kerb_jupyter.broker.auth import AuthError, check_request, parse_arn, parse_caller, parse_payload
+from kerb_jupyter.core.signing import AUDIENCE_HEADER, NONCE_HEADER, sign_request
 from kerb_jupyter.sandbox.sts import REGION, SSO_ROLE, MotoSts
 
 AUD = "kerb-jupyter-broker.test"

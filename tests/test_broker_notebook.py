@@ -259,7 +259,7 @@ async def test_partial_grants_end_to_end(kernel: KernelSession, notebook: Broker
     from test_status_page import status_page
 
     from kerb_jupyter.cli import main
-    from kerb_jupyter.server.brokersource import REASON_CODES
+    from kerb_jupyter.core.grants import REASON_CODES
 
     broker = "broker/localhost"
     keeper = jp_serverapp.extension_manager.extension_points["kerb_jupyter"].app.keeper

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from kerb_jupyter.broker.audit import read_records
-from kerb_jupyter.broker.auth import sign_request
+from kerb_jupyter.core.signing import sign_request
 from kerb_jupyter.sandbox.broker import AUDIENCE, BrokerSandbox
 from kerb_jupyter.sandbox.procs import free_port, tail, wait_for_port
 from kerb_jupyter.sandbox.redis_server import RedisServer

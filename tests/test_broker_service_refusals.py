@@ -16,8 +16,8 @@ from brokerservice import audited, creds, outcomes, payload, refused, variant
 
 from kerb_jupyter.broker.app import Broker, Refused
 from kerb_jupyter.broker.audit import read_records
-from kerb_jupyter.broker.auth import AUDIENCE_HEADER, NONCE_HEADER
 from kerb_jupyter.broker.settings import load_broker_settings
+from kerb_jupyter.core.signing import AUDIENCE_HEADER, NONCE_HEADER
 from kerb_jupyter.sandbox.broker import AUDIENCE, BrokerSandbox
 from kerb_jupyter.sandbox.sts import REGION
 

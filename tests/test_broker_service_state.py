@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from brokerservice import audited, creds, payload, post, refused
 
-from kerb_jupyter.broker.auth import sign_request
+from kerb_jupyter.core.signing import sign_request
 from kerb_jupyter.sandbox.broker import AUDIENCE, BrokerSandbox
 
 pytestmark = pytest.mark.usefixtures("bsb_krb5")  # the shared broker sandbox (conftest: bsb)

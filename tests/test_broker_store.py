@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from kerb_jupyter.broker.store import MemoryStore, StoreUnavailable, make_store
+from kerb_jupyter.broker.store import MemoryStore, StoreUnavailable
+from kerb_jupyter.broker.stores import make_store
 from kerb_jupyter.core.errors import ConfigError
 
 

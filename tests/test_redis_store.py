@@ -13,7 +13,8 @@ import pytest
 import redis
 
 from kerb_jupyter.broker.redis_store import RedisStore
-from kerb_jupyter.broker.store import StoreUnavailable, make_store
+from kerb_jupyter.broker.store import StoreUnavailable
+from kerb_jupyter.broker.stores import make_store
 from kerb_jupyter.core.errors import ConfigError
 from kerb_jupyter.sandbox.procs import free_port
 from kerb_jupyter.sandbox.redis_server import RedisServer, random_password

@@ -138,7 +138,7 @@ def test_extension_is_enabled_by_installing_the_package():
     out = subprocess.run([str(exe), "server", "extension", "list"], capture_output=True, text=True)
     text = out.stdout + out.stderr
     assert "kerb_jupyter" in text and "enabled" in text.split("kerb_jupyter", 1)[1].splitlines()[0], text
-    assert "kerb_jupyter 0.1.0" in text and "OK" in text.split("kerb_jupyter 0.1.0", 1)[1].splitlines()[0]
+    assert "kerb_jupyter 0.2.0" in text and "OK" in text.split("kerb_jupyter 0.2.0", 1)[1].splitlines()[0]
 
 
 def test_a_postgres_that_fails_reports_its_log(tmp_path):

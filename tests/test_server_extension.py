@@ -243,7 +243,7 @@ async def test_one_start_up_line_says_what_it_will_do_and_no_secret(caplog, jp_s
     finally:
         app.log.removeHandler(caplog.handler)
     log = caplog.text
-    [line] = [x for x in log.splitlines() if "kerb_jupyter 0.1.0:" in x]
+    [line] = [x for x in log.splitlines() if "kerb_jupyter 0.2.0:" in x]
     assert f"principal {sandbox.principal} (configured)" in line
     assert f"ticket from keytab {sandbox.keytab}" in line and "clusters: analytics, finance" in line
     assert sandbox.password_file.read_text() not in log

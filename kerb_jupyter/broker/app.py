@@ -31,7 +31,8 @@ from .groups import GroupDirectory
 from .issue import Issuer
 from .policy import Decision, Denied
 from .settings import BrokerSettings, PolicyHolder
-from .store import MemoryStore, Store, StoreUnavailable, make_store
+from .store import MemoryStore, Store, StoreUnavailable
+from .stores import make_store
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Caller authentication: a SigV4-signed sts:GetCallerIdentity request, checked here, then verified by STS.
 
-The notebook signs the request with its own AWS credentials (``sign_request``) and sends its parts as JSON.
+The notebook signs the request with its own AWS credentials (``core.signing.sign_request``) and sends its parts as JSON.
 The broker never uses a URL, host or name the caller sends: it checks the action, the signed audience and
 nonce headers, the date (at most ``max_age`` seconds off) and refuses a replayed signature, then forwards the
 same signed bytes to its *own* configured STS endpoint and believes only the ARN STS returns (Vault's scheme,
@@ -21,10 +21,8 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from ..core.errors import KerbJupyterError
+from ..core.signing import AUDIENCE_HEADER, NONCE_HEADER, STS_BODY
 
-AUDIENCE_HEADER = "x-kerb-jupyter-audience"
-NONCE_HEADER = "x-kerb-jupyter-nonce"
-STS_BODY = "Action=GetCallerIdentity&Version=2011-06-15"
 MAX_AGE = 300.0
 # Headers a botocore-signed GetCallerIdentity carries; anything else is refused (as Vault does).
 ALLOWED_HEADERS = {
@@ -178,28 +176,3 @@ def parse_arn(arn: str, user_id: str = "") -> Caller:
     raise AuthError(f"callers must be role sessions or IAM users, not {arn[:120]!r}", code="unsupported_caller")
 
 
-def sign_request(credentials: Any, region: str, sts_url: str, audience: str) -> dict[str, Any]:
-    """The notebook's side: a signed GetCallerIdentity for ``audience`` with a fresh nonce, as the JSON payload.
-
-    ``credentials`` are botocore credentials (``boto3.Session().get_credentials()``). Every request carries a
-    random nonce inside the signed part: SigV4 dates have one-second resolution, so two requests in the same
-    second would otherwise be identical and the second refused as a replay.
-    """
-    from urllib.parse import urlsplit
-
-    from botocore.auth import SigV4Auth
-    from botocore.awsrequest import AWSRequest
-
-    request = AWSRequest(method="POST", url=sts_url, data=STS_BODY.encode(), headers={
-        "Host": urlsplit(sts_url).netloc,
-        "Content-Type": "application/x-www-form-urlencoded; charset=utf-8",
-        AUDIENCE_HEADER: audience,
-        NONCE_HEADER: secrets.token_urlsafe(24),
-    })
-    SigV4Auth(credentials.get_frozen_credentials() if hasattr(credentials, "get_frozen_credentials")
-              else credentials, "sts", region).add_auth(request)
-    prepared = request.prepare()
-    return {
-        "headers": {k: str(v) for k, v in prepared.headers.items()},
-        "body": base64.b64encode(STS_BODY.encode()).decode(),
-    }

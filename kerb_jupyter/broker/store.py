@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from ..core.errors import ConfigError, KerbJupyterError
+from ..core.errors import KerbJupyterError
 
 
 class StoreUnavailable(KerbJupyterError):
@@ -109,21 +109,4 @@ class MemoryStore:
             self._hits.clear()
 
 
-def make_store(spec: str | None) -> Store:
-    """The store named by ``spec``: None or "memory" -> MemoryStore; "redis://..."/"rediss://..." -> RedisStore.
-
-    Raises ConfigError for an unknown scheme or when the Redis store cannot be imported.
-    """
-    if spec is None or spec == "memory":
-        return MemoryStore()
-    if spec.startswith(("redis://", "rediss://")):
-        try:
-            from .redis_store import RedisStore  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:
-            raise ConfigError(f"the Redis store cannot be loaded (install the redis package): {exc}") from None
-        store: Store = RedisStore(spec)
-        return store
-    raise ConfigError("store must be 'memory' or a redis:// or rediss:// URL")
-
-
-__all__ = ["MemoryStore", "Store", "StoreUnavailable", "make_store"]
+__all__ = ["MemoryStore", "Store", "StoreUnavailable"]

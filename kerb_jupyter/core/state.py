@@ -1,21 +1,63 @@
-"""The kernel's view of the credentials: the shared cache read directly plus the keeper's state.json.
+"""The shared state between server and kernels: where the cache is, the keeper's state.json, their summary.
 
-Used by ``%kerbstatus`` and ``kerb-jupyter status``; no server imports, no REST call (kernels have no token).
+The FILE cache is the contract: the server's keeper writes it and state.json, kernels read both directly (no REST
+call: kernels have no token). Used by the SQL connections, ``%kerbstatus``, ``kerb-jupyter status`` and the doctor.
 """
 
 from __future__ import annotations
 
+import functools
 import html
+import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from ..server.brokersource import parse_refused
-from ..sql import db
 from . import tickets
 from .config import Settings
-from .errors import KerbJupyterError
+from .errors import KerbJupyterError, NoTicketError
+from .grants import parse_refused
+
+
+def cache_path(settings: Settings | None = None) -> Path:
+    """The shared cache: KRB5CCNAME (FILE: only) as exported by the server, else the configured state_dir's."""
+    name = os.environ.get("KRB5CCNAME", "")
+    if name.startswith("FILE:") or (name and ":" not in name):
+        return _path(name.removeprefix("FILE:"))
+    if not name and settings is not None:
+        return settings.cache_path
+    raise NoTicketError(
+        f"KRB5CCNAME is {name!r}, not a FILE: cache; kerb_jupyter shares tickets through a FILE cache. Start "
+        "Jupyter with the kerb_jupyter server extension (it exports KRB5CCNAME to kernels), or unset KRB5CCNAME"
+    )
+
+
+_STATE_MEMO: dict[Path, tuple[tuple[int, ...], dict[str, Any] | None]] = {}
+
+
+@functools.lru_cache(maxsize=16)
+def _path(text: str) -> Path:
+    return Path(text)
+
+
+def keeper_state(settings: Settings) -> dict[str, Any] | None:
+    """The server keeper's last snapshot (state.json next to the cache), if there is one (re-read on change)."""
+    path = settings.state_path
+    try:
+        st = path.stat()
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        memo = _STATE_MEMO.get(path)
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    doc = doc if isinstance(doc, dict) else None
+    _STATE_MEMO[path] = (key, doc)
+    return doc
 
 
 @dataclass
@@ -84,12 +126,12 @@ def _broker_lines(keeper: dict[str, Any]) -> list[str]:
 def credential_status(settings: Settings) -> CredentialStatus:
     ticket, error, cache = None, None, None
     try:
-        path = db.cache_path(settings)
+        path = cache_path(settings)
         cache = str(path)
         ticket = tickets.read_cache(path)
     except KerbJupyterError as err:
         error = err
-    return CredentialStatus(cache, ticket, db.keeper_state(settings), error)
+    return CredentialStatus(cache, ticket, keeper_state(settings), error)
 
 
 def _clock(ts: float | None, now: float | None = None) -> str:

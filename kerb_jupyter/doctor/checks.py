@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from ..core import tickets
 from ..core.config import ClusterConfig, Settings
 from ..core.errors import KerbJupyterError
-from ..server.brokersource import grant_problem
+from ..core.grants import grant_problem
 from ..sql import db
 from .krbprobe import Krb5Conf, tcp_open
 

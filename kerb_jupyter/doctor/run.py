@@ -24,8 +24,8 @@ from typing import Any
 from ..core import tickets
 from ..core.config import Settings, load_settings
 from ..core.errors import KerbJupyterError
-from ..server.brokersource import describe_refused, parse_refused
-from ..sql import db
+from ..core.grants import describe_refused, parse_refused
+from ..core.state import cache_path, keeper_state
 from .checks import Check, broker_check, cluster_checks, find_servers, server_check
 from .krbprobe import KRB_ERROR_NAMES, Krb5Conf, krb5_conf_path, parse_krb5_conf, probe_kdc, split_host_port, tcp_open
 
@@ -114,7 +114,7 @@ class Doctor:
             if not names:
                 self.add("clusters", "warn", "no clusters are configured", "add a 'clusters' section to the "
                          "configuration file (name -> host, port, dbname)")
-            refused = (db.keeper_state(self.settings) or {}).get("refused") if self.broker else None
+            refused = (keeper_state(self.settings) or {}).get("refused") if self.broker else None
             for name in names:
                 self.checks.extend(cluster_checks(self.settings, name, self.conf, self.ticket, self.principal,
                                                   self.timeout, refused))
@@ -169,7 +169,7 @@ class Doctor:
     def _wanted_realm(self) -> str | None:
         principal = None
         if self.settings is not None:
-            principal = self.settings.principal or (db.keeper_state(self.settings) or {}).get("principal")
+            principal = self.settings.principal or (keeper_state(self.settings) or {}).get("principal")
         if isinstance(principal, str) and "@" in principal:
             return principal.rsplit("@", 1)[1]
         return self.conf.libdefaults.get("default_realm") if self.conf else None
@@ -188,7 +188,7 @@ class Doctor:
                      "whoever edits the file chooses it)", trusted=False)
             return
         if self.broker:
-            state = db.keeper_state(s) or {}
+            state = keeper_state(s) or {}
             who = (state.get("identity") or {}).get("name")
             last = (f"; its last answer named {state['principal']}" + (f" (AWS identity {who})" if who else "")
                     if state.get("principal") else "; the keeper has not had an answer yet")
@@ -307,7 +307,7 @@ class Doctor:
             self.add("ticket", "skip", "needs a valid configuration")
             return
         try:
-            path = db.cache_path(s)
+            path = cache_path(s)
             info = tickets.read_cache(path, allow_expired=True)
         except KerbJupyterError as err:
             self.add("ticket", "fail", str(err), "start the Jupyter server with the extension (it fetches the "
@@ -341,7 +341,7 @@ class Doctor:
                  principal=info.principal, endtime=info.endtime)
 
     def _keeper(self) -> None:
-        state = db.keeper_state(self.settings) if self.settings else None
+        state = keeper_state(self.settings) if self.settings else None
         if not state:
             self.add("keeper", "warn", "no keeper state file: the server extension has not run with this "
                      "configuration", "restart the Jupyter server after installing (the lifecycle script does)")

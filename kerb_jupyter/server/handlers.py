@@ -12,7 +12,7 @@ import html
 import json
 import time
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psycopg
 from jupyter_server.auth.decorator import authorized
@@ -20,13 +20,12 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
+from ..core.config import Settings
 from ..core.errors import KerbJupyterError, UnknownClusterError
+from ..core.grants import require_grant
 from ..sql import db
-from .brokersource import require_grant
+from .keeper import TicketKeeper
 from .threads import in_daemon_thread
-
-if TYPE_CHECKING:
-    from .app import KerbJupyterApp
 
 AUTH_RESOURCE = "kerb_jupyter"
 HTTP_STATUS = {"unknown_cluster": 404, "rate_limited": 429, "checks_busy": 429, "not_configured": 409,
@@ -50,11 +49,25 @@ class RateLimiter:
         return 0.0
 
 
+class ServerSide(Protocol):
+    """What the handlers use of the extension (``KerbJupyterApp`` is one); they never import ``app``."""
+
+    keeper: TicketKeeper | None
+    config_error: KerbJupyterError | None
+    settings_obj: Settings
+    renew_limiter: RateLimiter
+    check_limiter: RateLimiter
+    checks_running: int
+    max_concurrent_checks: int
+
+    async def reload_if_changed(self) -> bool: ...
+
+
 class BaseHandler(ExtensionHandlerMixin, APIHandler):
     auth_resource = AUTH_RESOURCE
 
     @property
-    def app(self) -> KerbJupyterApp:
+    def app(self) -> ServerSide:
         return self.settings["kerb_jupyter_app"]  # type: ignore[no-any-return]
 
     def write_json(self, doc: Any, status: int = 200) -> None:
@@ -82,7 +95,7 @@ class BaseHandler(ExtensionHandlerMixin, APIHandler):
         return True
 
 
-def status_doc(app: KerbJupyterApp) -> dict[str, Any]:
+def status_doc(app: ServerSide) -> dict[str, Any]:
     if app.config_error is not None:
         doc: dict[str, Any] = {
             "state": "error", "principal": None, "identity": None, "expires_at": None, "renew_until": None,
@@ -184,7 +197,7 @@ class ClusterCheckHandler(BaseHandler):
         return None
 
 
-def check_cluster(app: KerbJupyterApp, name: str) -> dict[str, Any]:
+def check_cluster(app: ServerSide, name: str) -> dict[str, Any]:
     """Connect with the shared ticket and report who we are there. Raises KerbJupyterError."""
     cluster = app.settings_obj.cluster(name)
     info = db.check_ticket(app.settings_obj)

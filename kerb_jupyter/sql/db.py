@@ -7,12 +7,9 @@ say what to do.
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -20,46 +17,9 @@ import psycopg
 from ..core import tickets
 from ..core.config import ClusterConfig, Settings
 from ..core.errors import ConfigError, DatabaseError, KerbJupyterError, NoTicketError, TicketError, TicketExpiredError
+from ..core.grants import require_grant
+from ..core.state import cache_path, keeper_state
 from ..core.tagging import application_name
-from ..server.brokersource import require_grant
-
-
-def cache_path(settings: Settings | None = None) -> Path:
-    """The shared cache: KRB5CCNAME (FILE: only) as exported by the server, else the configured state_dir's."""
-    name = os.environ.get("KRB5CCNAME", "")
-    if name.startswith("FILE:") or (name and ":" not in name):
-        return _path(name.removeprefix("FILE:"))
-    if not name and settings is not None:
-        return settings.cache_path
-    raise NoTicketError(
-        f"KRB5CCNAME is {name!r}, not a FILE: cache; kerb_jupyter shares tickets through a FILE cache. Start "
-        "Jupyter with the kerb_jupyter server extension (it exports KRB5CCNAME to kernels), or unset KRB5CCNAME"
-    )
-
-
-_STATE_MEMO: dict[Path, tuple[tuple[int, ...], dict[str, Any] | None]] = {}
-
-
-@functools.lru_cache(maxsize=16)
-def _path(text: str) -> Path:
-    return Path(text)
-
-
-def keeper_state(settings: Settings) -> dict[str, Any] | None:
-    """The server keeper's last snapshot (state.json next to the cache), if there is one (re-read on change)."""
-    path = settings.state_path
-    try:
-        st = path.stat()
-        key = (st.st_ino, st.st_size, st.st_mtime_ns)
-        memo = _STATE_MEMO.get(path)
-        if memo is not None and memo[0] == key:
-            return memo[1]
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    doc = doc if isinstance(doc, dict) else None
-    _STATE_MEMO[path] = (key, doc)
-    return doc
 
 
 def _hhmm(ts: float | None) -> str:
