@@ -280,11 +280,11 @@ def test_parsers_of_interval_and_array_text():
 def test_without_pyarrow_dataframe_keeps_the_row_path_and_the_rest_says_why(shell, monkeypatch, capsys):
     import sys
 
-    import kerb_jupyter
+    import kerb_jupyter.sql
 
     for name in ("pyarrow", "kerb_jupyter.sql.arrow", "kerb_jupyter.sql.export"):
         monkeypatch.setitem(sys.modules, name, None)  # as if pyarrow were not installed
-        monkeypatch.delattr(kerb_jupyter, name.rpartition(".")[2], raising=False)
+        monkeypatch.delattr(kerb_jupyter.sql, name.rpartition(".")[2], raising=False)  # `from .sql import arrow`
     df = run(shell, "%kerbsql analytics --dataframe SELECT 1 AS x, 'a' AS y")
     assert df.to_dict("records") == [{"x": 1, "y": "a"}]
     run(shell, "%kerbsql analytics --arrow SELECT 1")

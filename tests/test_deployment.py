@@ -137,7 +137,7 @@ def test_krb5_conf_for_ad_with_a_trusted_realm(tmp_path):
 
 
 def test_binder_start_brings_up_the_sandbox_for_the_server(tmp_path):
-    probe = ("import json, os, psycopg; from kerb_jupyter import tickets; from pathlib import Path;"
+    probe = ("import json, os, psycopg; from kerb_jupyter.core import tickets; from pathlib import Path;"
              "cfg = json.load(open(os.environ['KERB_JUPYTER_CONFIG']));"
              "print(cfg['principal'], Path(os.environ['KRB5_CONFIG']).is_file(), sorted(cfg['clusters']))")
     env = {**os.environ, "KERB_JUPYTER_SANDBOX_DIR": str(tmp_path / "sb"), "HOME": str(tmp_path),

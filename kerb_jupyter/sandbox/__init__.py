@@ -45,7 +45,14 @@ ON CONFLICT DO NOTHING;
 
 
 class BaseSandbox:
-    """What both sandboxes share: ``start()`` stops what it started if it fails; a context manager."""
+    """What the sandboxes share: ``start()`` stops what it started if it fails; a context manager; the keytab
+    configuration (subclasses set ``principal``, ``keytab``, ``state_dir``, ``config_file``, ``servers``)."""
+
+    principal: str
+    keytab: Path
+    state_dir: Path
+    config_file: Path
+    servers: dict[str, Any]
 
     def start(self) -> Self:
         try:
@@ -59,6 +66,19 @@ class BaseSandbox:
         raise NotImplementedError
 
     def stop(self) -> None:
+        raise NotImplementedError
+
+    def write_config(self, **overrides: Any) -> Path:
+        """The kerb_jupyter configuration (keytab source for ``principal``); ``overrides`` replace keys."""
+        config: dict[str, Any] = {
+            "principal": self.principal,
+            "source": {"type": "keytab", "keytab": str(self.keytab)},
+            "state_dir": str(self.state_dir),
+            "clusters": {name: self.cluster_config(name) for name in self.servers},
+        }
+        return write_json(self.config_file, {**config, **overrides})
+
+    def cluster_config(self, name: str) -> dict[str, Any]:
         raise NotImplementedError
 
     def __enter__(self) -> Self:
@@ -117,16 +137,6 @@ class Sandbox(BaseSandbox):
             server.create_database(name, self.principal)
             server.admin(f'SET ROLE "{self.principal}";' + DEMO_SQL, dbname=name)
         self.write_config()
-
-    def write_config(self, **overrides: Any) -> Path:
-        """The kerb_jupyter configuration for this sandbox (keytab source); ``overrides`` replace keys."""
-        config: dict[str, Any] = {
-            "principal": self.principal,
-            "source": {"type": "keytab", "keytab": str(self.keytab)},
-            "state_dir": str(self.state_dir),
-            "clusters": {name: self.cluster_config(name) for name in self.servers},
-        }
-        return write_json(self.config_file, {**config, **overrides})
 
     def cluster_config(self, name: str) -> dict[str, Any]:
         server = self.servers[name]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import DEMO_SQL, BaseSandbox, write_json
+from . import DEMO_SQL, BaseSandbox
 from .adplan import PLAN, DirectoryPlan
 from .postgres import Postgres
 from .samba import SambaAD
@@ -53,16 +53,6 @@ class ADSandbox(BaseSandbox):
                     server.admin(f'CREATE ROLE "{role}" WITH LOGIN')
             server.admin("GRANT SELECT ON trips TO PUBLIC", dbname=name)
         self.write_config()
-
-    def write_config(self, **overrides: Any) -> Path:
-        """The kerb_jupyter configuration for ``user`` (keytab source); ``overrides`` replace keys."""
-        config: dict[str, Any] = {
-            "principal": self.principal,
-            "source": {"type": "keytab", "keytab": str(self.keytab)},
-            "state_dir": str(self.state_dir),
-            "clusters": {name: self.cluster_config(name) for name in self.servers},
-        }
-        return write_json(self.config_file, {**config, **overrides})
 
     def cluster_config(self, name: str) -> dict[str, Any]:
         server = self.servers[name]
