@@ -114,6 +114,7 @@ read_block(PyObject *self, PyObject *args)
         return NULL;
     PyThreadState *saved = PyEval_SaveThread();
     Buffer buf = {block, 0, target + slack, &saved};
+    int consumed = 0; /* input was read from the socket since the last row: next, wait on it */
     while (status == 0) {
         char *row = NULL;
         int n = pq_getcopydata(conn, &row, 1);
@@ -126,6 +127,7 @@ read_block(PyObject *self, PyObject *args)
             }
             if (buf.size >= target)
                 status = 1;
+            consumed = 0;
             continue;
         }
         if (n < 0) {
@@ -134,26 +136,15 @@ read_block(PyObject *self, PyObject *args)
         }
         /* Nothing parsed is waiting: read what the socket holds (TLS or GSS may have decrypted bytes buffered
          * inside libpq that poll cannot see, so read first, then wait). */
-        if (!pq_consumeinput(conn)) {
-            status = -2;
-            break;
-        }
-        n = pq_getcopydata(conn, &row, 1);
-        if (n > 0) {
-            int failed = append(&buf, row, (size_t)n);
-            pq_freemem(row);
-            if (failed) {
-                no_memory = 1;
+        if (!consumed) {
+            if (!pq_consumeinput(conn)) {
+                status = -2;
                 break;
             }
-            if (buf.size >= target)
-                status = 1;
+            consumed = 1;
             continue;
         }
-        if (n < 0) {
-            status = n;
-            break;
-        }
+        consumed = 0;
         struct pollfd fd = {pq_socket(conn), POLLIN, 0};
         if (fd.fd < 0) {
             status = -2;

@@ -13,10 +13,10 @@ import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from .postgres import Postgres
+from .procs import Lifecycle
 from .realm import Realm
 
 __all__ = ["BaseSandbox", "Postgres", "Realm", "Sandbox", "write_json"]
@@ -44,29 +44,16 @@ ON CONFLICT DO NOTHING;
 """
 
 
-class BaseSandbox:
-    """What the sandboxes share: ``start()`` stops what it started if it fails; a context manager; the keytab
-    configuration (subclasses set ``principal``, ``keytab``, ``state_dir``, ``config_file``, ``servers``)."""
+class BaseSandbox(Lifecycle):
+    """What the sandboxes share: the lifecycle (``start()`` stops what it started if it fails; a context manager)
+    and the keytab configuration (subclasses set ``principal``, ``keytab``, ``state_dir``, ``config_file``,
+    ``servers``)."""
 
     principal: str
     keytab: Path
     state_dir: Path
     config_file: Path
     servers: dict[str, Any]
-
-    def start(self) -> Self:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _start(self) -> None:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
 
     def write_config(self, **overrides: Any) -> Path:
         """The kerb_jupyter configuration (keytab source for ``principal``); ``overrides`` replace keys."""
@@ -80,12 +67,6 @@ class BaseSandbox:
 
     def cluster_config(self, name: str) -> dict[str, Any]:
         raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> Path:

@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 from ..core.errors import SandboxError
 
@@ -134,6 +135,30 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10, grou
 def alive(proc: subprocess.Popen[bytes] | None) -> bool:
     """The process was started and has not exited."""
     return proc is not None and proc.poll() is None
+
+
+class Lifecycle:
+    """``start()`` runs ``_start()`` and stops what it started if that fails; a context manager."""
+
+    def start(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class Daemon:

@@ -59,7 +59,7 @@ from pathlib import Path
 
 from ..core.errors import SandboxError
 from .adplan import PLAN, DirectoryPlan, UserPlan
-from .procs import alive, find_binary, group_alive, port_is_free, read_log, signal_group, tail, wait_for_port
+from .procs import Lifecycle, alive, find_binary, group_alive, port_is_free, read_log, signal_group, tail, wait_for_port
 from .sambafiles import BATCH, krb5_conf, scrub, smb_conf, write_tls
 
 __all__ = ["PLAN", "DirectoryPlan", "SambaAD", "UserPlan"]
@@ -69,7 +69,7 @@ SAMBA_TOOL_PYTHON = "/usr/bin/python3"  # samba-tool's own interpreter (the pyth
 DC_PORTS = (88, 389, 464, 636)
 
 
-class SambaAD:
+class SambaAD(Lifecycle):
     """One Samba AD DC whose whole state lives in ``root``; see the module docstring."""
 
     def __init__(self, root: Path, realm: str = "AD.KERB.TEST", domain: str = "ADKERB", *,
@@ -145,16 +145,9 @@ class SambaAD:
         return self.password_file(name).read_text()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
-    def start(self) -> SambaAD:
-        """Provision (first time), start the DC, create the plan's accounts (first time). Stops all on failure."""
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
     def _start(self) -> None:
+        """Provision (first time), start the DC, create the plan's accounts (first time); ``start()`` stops all
+        on failure."""
         if alive(self.proc):
             return
         if os.geteuid() != 0:
@@ -234,12 +227,6 @@ class SambaAD:
     @property
     def running(self) -> bool:
         return alive(self.proc)
-
-    def __enter__(self) -> SambaAD:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- administration -------------------------------------------------------------------------------------
     def samba_tool(self, *args: str) -> str:
